@@ -1,0 +1,68 @@
+"""The values a QQQ layer can represent, and round-to-nearest onto them.
+
+Per-channel: w = channel[n] * code, code in [-7, 7], channel = absmax(row) / 7.
+Per-group (two-level): w = channel[n] * round((code - 8) * group[k / G, n]), code in [0, 15],
+channel = absmax(row) / 127 (the int8 step), group = fp16(absmax(group) / (7 * channel)), so the
+largest weight of each group maps to code 8 +- 7 and every product lands on the int8 grid.
+"""
+
+import torch
+
+from vllm_qqq.format import QQQWeight, check_shape
+
+_TINY = 1e-12  # keeps scales positive for all-zero rows or groups
+
+
+class Grid:
+    """Scales for one weight [N, K] (torch Linear layout, out x in), fixed before quantization
+    (GPTQ's static groups), and rounding of any column block onto them."""
+
+    def __init__(self, weight: torch.Tensor, group_size: int):
+        n, k = weight.shape
+        check_shape(k, n, group_size)
+        w = weight.float()
+        self.group_size = group_size
+        absmax = w.abs().amax(dim=1).clamp_min(_TINY)
+        if group_size == -1:
+            self.channel = absmax / 7
+            self.group = None
+        else:
+            self.channel = absmax / 127
+            gmax = w.reshape(n, k // group_size, group_size).abs().amax(dim=2).clamp_min(_TINY)
+            self.group = (gmax / (7 * self.channel[:, None])).t().to(torch.float16)  # [K/G, N]
+            self.group = self.group.clamp_min(torch.finfo(torch.float16).tiny)
+
+    def _group_scale(self, k0: int, cols: int) -> torch.Tensor:
+        """float32 [N, cols]: the group scale of each column k0 .. k0 + cols - 1."""
+        idx = torch.arange(k0, k0 + cols) // self.group_size
+        return self.group.float()[idx].t()
+
+    def codes(self, w: torch.Tensor, k0: int) -> torch.Tensor:
+        """Round w [N, cols] (columns k0 .. k0 + cols - 1 of the weight) to codes (int64)."""
+        w = w.float()
+        if self.group is None:
+            return torch.round(w / self.channel[:, None]).clamp(-7, 7).long()
+        step = self.channel[:, None] * self._group_scale(k0, w.shape[1])
+        return (torch.round(w / step) + 8).clamp(0, 15).long()
+
+    def dequant(self, codes: torch.Tensor, k0: int) -> torch.Tensor:
+        """float32 values of codes [N, cols] for columns starting at k0."""
+        if self.group is None:
+            return codes.float() * self.channel[:, None]
+        int8 = torch.round((codes.float() - 8) * self._group_scale(k0, codes.shape[1]))
+        return int8.clamp(-128, 127) * self.channel[:, None]
+
+    def quantize(self, w: torch.Tensor, k0: int = 0) -> torch.Tensor:
+        """Fake-quantize w [N, cols]: round to the grid and return the float values."""
+        return self.dequant(self.codes(w, k0), k0)
+
+    def to_weight(self, codes: torch.Tensor) -> QQQWeight:
+        """codes [N, K] -> the layer in logical form (codes transposed to [K, N])."""
+        return QQQWeight(codes.t().to(torch.int8).contiguous(), self.channel.clone(),
+                         None if self.group is None else self.group.clone(), self.group_size)
+
+
+def rtn(weight: torch.Tensor, group_size: int) -> QQQWeight:
+    """Round-to-nearest QQQ quantization of a Linear weight [N, K]."""
+    grid = Grid(weight, group_size)
+    return grid.to_weight(grid.codes(weight, 0))

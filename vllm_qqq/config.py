@@ -1,0 +1,58 @@
+"""QQQConfig: vLLM's view of a QQQ checkpoint's `quantization_config`."""
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from vllm_qqq.format import GROUP_SIZES, FormatError
+
+
+class QQQConfig(QuantizationConfig):
+    """config.json: {"quant_method": "qqq", "wbits": 4, "group_size": -1 | 128}."""
+
+    def __init__(self, weight_bits: int = 4, group_size: int = -1) -> None:
+        super().__init__()
+        if weight_bits != 4:
+            raise FormatError(f"QQQ supports wbits=4 only, the checkpoint says wbits={weight_bits}")
+        if group_size not in GROUP_SIZES:
+            raise FormatError(f"QQQ supports group_size -1 (per-channel) or 128, the checkpoint "
+                              f"says group_size={group_size}")
+        self.weight_bits = weight_bits
+        self.group_size = group_size
+
+    def __repr__(self) -> str:
+        return f"QQQConfig(weight_bits={self.weight_bits}, group_size={self.group_size})"
+
+    def get_name(self) -> str:
+        return "qqq"
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        # float32 runs on the reference path only (CPU, or GPU without the kernels).
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # int8 mma.sync
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return ["quant_config.json", "quantize_config.json"]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QQQConfig":
+        bits = cls.get_from_keys_or(config, ["wbits", "bits"], None)
+        if bits is None:
+            raise FormatError("QQQ quantization_config has no 'wbits'")
+        group_size = cls.get_from_keys_or(config, ["group_size"], None)
+        if group_size is None:
+            raise FormatError("QQQ quantization_config has no 'group_size'")
+        return cls(int(bits), int(group_size))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        # Only linear layers are quantized; embeddings and lm_head stay in the model dtype.
+        if isinstance(layer, LinearBase):
+            from vllm_qqq.linear_method import QQQLinearMethod
+            return QQQLinearMethod(self)
+        return None

@@ -1,0 +1,220 @@
+"""The W4A8 kernels as torch ops (`torch.ops.qqq.*`), with fake implementations so that vLLM's
+torch.compile(fullgraph=True) and CUDA graphs capture them.
+
+CUDA implementations call the pybind11 module vllm_qqq._C (csrc/); the CPU implementations are
+the reference, on the same kernel weight layout, so the ops can be traced and checked anywhere.
+
+Kernel weight layout (`prepare_weight`), int32 [K/32, N/8, 32]: one word per lane of a warp for
+each (32-deep k step, 8-wide n tile): lane L holds column 8*t + L//4, rows k0 = 32*s + 4*(L%4);
+byte j carries row k0 + j in its high nibble and row k0 + 16 + j in its low nibble, which are the
+two int8 mma B fragments that lane needs (a high nibble read as int8 is 16x its value).
+"""
+
+import logging
+
+import torch
+
+from vllm_qqq.format import QQQWeight
+from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
+
+log = logging.getLogger(__name__)
+
+try:
+    from vllm_qqq import _C  # noqa: F401
+except ImportError:  # built without CUDA: the reference path runs instead
+    _C = None
+
+KERNEL_BK = 128  # K of one pipeline stage; also the only group size
+KERNEL_BN = 64  # N granularity the kernel accepts (partial 128-wide tiles are masked)
+SPLITK_MAX_M = 64  # rows up to which the GEMM may split K, accumulating in the workspace
+
+
+def kernels_available() -> bool:
+    return _C is not None and torch.cuda.is_available()
+
+
+def use_cuda_kernels(k: int, n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if dtype not in _DTYPE_CODE:
+        log.warning("QQQ kernels take fp16/bf16 activations, not %s: the PyTorch reference runs",
+                    dtype)
+        return False
+    if _C is None:
+        log.warning("vllm_qqq._C is not built: QQQ layers run the slow PyTorch reference on %s",
+                    device)
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        raise RuntimeError("QQQ CUDA kernels need compute capability 8.0 or newer "
+                           f"(int8 mma.sync); {torch.cuda.get_device_name(device)} is older")
+    if k % KERNEL_BK or n % KERNEL_BN:
+        log.warning("QQQ kernels need K %% %d == 0 and N %% %d == 0 (got K=%d, N=%d): this layer "
+                    "runs the PyTorch reference", KERNEL_BK, KERNEL_BN, k, n)
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight layout
+
+
+def kernel_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Logical int4 codes [K, N] -> kernel words int32 [K/32, N/8, 32] (see module doc)."""
+    k, n = codes.shape
+    c = (codes.to(torch.int32) & 0xF).reshape(k // 32, 2, 4, 4, n // 8, 8)  # s, half, r, j, t, q
+    c = c.permute(0, 4, 5, 2, 3, 1)  # s, t, q, r, j, half
+    shifts = 8 * torch.arange(4, device=codes.device)[:, None] + torch.tensor(
+        [4, 0], device=codes.device)[None, :]
+    words = (c.to(torch.int64) << shifts).sum(dim=(-1, -2))  # disjoint bits: sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.reshape(k // 32, n // 8, 32).to(torch.int32).contiguous()
+
+
+def kernel_codes_to_logical(words: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Inverse of kernel_codes."""
+    ks, nt, _ = words.shape
+    w = words.to(torch.int64).reshape(ks, nt, 8, 4, 1, 1)  # s, t, q, r
+    shifts = 8 * torch.arange(4, device=words.device)[:, None] + torch.tensor(
+        [4, 0], device=words.device)[None, :]
+    c = (w >> shifts) & 0xF  # s, t, q, r, j, half
+    if signed:
+        c = torch.where(c >= 8, c - 16, c)
+    c = c.permute(0, 5, 3, 4, 1, 2)  # s, half, r, j, t, q
+    return c.reshape(ks * 32, nt * 8).to(torch.int8)
+
+
+def prepare_weight(w: QQQWeight) -> dict[str, torch.Tensor]:
+    """Logical weight -> the tensors the kernel reads: words, fp32 epilogue scale, group scales."""
+    per_channel = w.group_size == -1
+    # Per-channel codes reach the mma as code * 16 (high nibble), so the epilogue scale is / 16.
+    scale = w.channel.float() / (16.0 if per_channel else 1.0)
+    group = (torch.empty(0, dtype=torch.float16, device=w.codes.device) if per_channel
+             else w.group.to(torch.float16).contiguous())
+    return {"qqq_b": kernel_codes(w.codes), "qqq_scale": scale.contiguous(), "qqq_group": group}
+
+
+def kernel_int8_weight(b: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The int8 [K, N] matrix the kernel multiplies with (per-channel: code * 16)."""
+    if group.numel() == 0:
+        return kernel_codes_to_logical(b, signed=True) * 16
+    w = QQQWeight(kernel_codes_to_logical(b, signed=False), torch.ones(b.shape[1] * 8), group,
+                  b.shape[0] * 32 // group.shape[0])
+    return w.int8_weight()
+
+
+_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def workspace_size(n: int) -> int:
+    """int32 entries: split-K accumulators for SPLITK_MAX_M rows, then one counter per tile."""
+    tiles = (n + 127) // 128 * (SPLITK_MAX_M // 16)
+    return SPLITK_MAX_M * n + tiles
+
+
+def workspace(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer shared by the layers on `device` (they run one after another on one
+    stream); the GEMM leaves it zeroed again. Allocated at load time, never inside a graph."""
+    device = torch.device(device)
+    ws = _workspaces.get(device)
+    if ws is None or ws.numel() < workspace_size(n):
+        ws = torch.zeros(workspace_size(n), dtype=torch.int32, device=device)
+        _workspaces[device] = ws
+    return ws
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+
+_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@torch.library.custom_op("qqq::quant_per_token", mutates_args=(), device_types=("cpu", "cuda"))
+def quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16/bf16 [M, K] -> (int8 [M, K], float32 [M, 1]), as reference.quantize_per_token."""
+    if x.device.type == "cpu":
+        return quantize_per_token(x)
+    if x.dtype not in _DTYPE_CODE or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"qqq.quant_per_token needs a contiguous 2-D fp16/bf16 tensor, got "
+                         f"{x.dtype} {list(x.shape)} contiguous={x.is_contiguous()}")
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        _C.quant_per_token(x.data_ptr(), _DTYPE_CODE[x.dtype], m, k, q.data_ptr(), s.data_ptr(),
+                           _stream(x))
+    return q, s
+
+
+@quant_per_token.register_fake
+def _(x):
+    return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("qqq::gemm", mutates_args=("workspace",), device_types=("cpu", "cuda"))
+def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+         group: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None,
+         out_dtype: torch.dtype) -> torch.Tensor:
+    """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
+    (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel."""
+    if a.device.type == "cpu":
+        acc = int8_matmul(a, kernel_int8_weight(b, group))
+        return scale_output(acc, a_scale, scale, bias, out_dtype)
+    m, k = a.shape
+    n = b.shape[1] * 8
+    _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m:
+        _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
+                group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
+                out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
+                workspace.numel(), _stream(a))
+    return out
+
+
+@gemm.register_fake
+def _(a, a_scale, b, scale, group, workspace, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1] * 8), dtype=out_dtype)
+
+
+def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"qqq.gemm: {what}")
+
+    need(a.dtype == torch.int8 and a.dim() == 2 and a.is_contiguous(),
+         f"a must be contiguous int8 [M, K], got {a.dtype} {list(a.shape)}")
+    need(b.dtype == torch.int32 and b.dim() == 3 and b.shape[2] == 32 and b.is_contiguous(),
+         f"b must be int32 [K/32, N/8, 32] (prepare_weight), got {b.dtype} {list(b.shape)}")
+    need(b.shape[0] * 32 == k, f"a has K={k} but b holds K={b.shape[0] * 32}")
+    need(k % KERNEL_BK == 0 and n % KERNEL_BN == 0,
+         f"the kernel needs K % {KERNEL_BK} == 0 and N % {KERNEL_BN} == 0, got K={k}, N={n}")
+    need(a_scale.dtype == torch.float32 and a_scale.numel() == m and a_scale.is_contiguous(),
+         f"a_scale must be float32 [M, 1], got {a_scale.dtype} {list(a_scale.shape)}")
+    need(scale.dtype == torch.float32 and scale.numel() == n and scale.is_contiguous(),
+         f"scale must be float32 [N={n}], got {scale.dtype} {list(scale.shape)}")
+    need(group.numel() == 0 or (group.dtype == torch.float16 and group.is_contiguous()
+                                and tuple(group.shape) == (k // KERNEL_BK, n)),
+         f"group must be empty or float16 [{k // KERNEL_BK}, {n}], got {group.dtype} "
+         f"{list(group.shape)}")
+    need(bias is None or (bias.dtype == out_dtype and bias.numel() == n and bias.is_contiguous()),
+         f"bias must be {out_dtype} [{n}]")
+    need(out_dtype in _DTYPE_CODE, f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+    need(workspace.dtype == torch.int32 and workspace.numel() >= workspace_size(n),
+         f"workspace must be int32 with >= {workspace_size(n)} entries (ops.workspace)")
+    tensors = [a, a_scale, b, scale, workspace] + ([group] if group.numel() else []) + (
+        [bias] if bias is not None else [])
+    need(all(t.device == a.device for t in tensors), "all tensors must be on one device")
+
+
+def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
+                workspace: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W for x [..., K] in fp16/bf16: per-token int8 quantization, then the W4A8 GEMM."""
+    lead = x.shape[:-1]
+    a, a_scale = torch.ops.qqq.quant_per_token(x.reshape(-1, x.shape[-1]).contiguous())
+    out = torch.ops.qqq.gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype)
+    return out.reshape(*lead, out.shape[-1])
