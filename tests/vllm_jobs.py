@@ -1,0 +1,39 @@
+"""Jobs the tests run in a fresh interpreter, each starting its own vLLM engine.
+
+    python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON
+        prints one line: RESULT <json list of generated token id lists>
+    python tests/vllm_jobs.py load MODEL_DIR
+        starts an engine with quantization="qqq"; exits non-zero with vLLM's error if it fails
+"""
+
+import json
+import sys
+
+
+def make_llm(model_dir, quantization, dtype, **kw):
+    from vllm import LLM
+    return LLM(model_dir, quantization=None if quantization == "auto" else quantization,
+               dtype=dtype, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8, seed=0,
+               **kw)
+
+
+def main():
+    job, model_dir = sys.argv[1], sys.argv[2]
+    if job == "generate":
+        quantization, dtype, prompts = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+        from vllm import SamplingParams
+        llm = make_llm(model_dir, quantization, dtype)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+        method = llm.llm_engine.vllm_config.model_config.quantization
+        print("RESULT", json.dumps({"quantization": method,
+                                    "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+    elif job == "load":
+        make_llm(model_dir, "qqq", "auto", enforce_eager=True)
+        print("LOADED")
+    else:
+        raise SystemExit(f"unknown job {job}")
+
+
+if __name__ == "__main__":
+    main()
