@@ -88,7 +88,7 @@ BAD_CHECKPOINTS = {
     "group_size": (128, dict(edit_config=lambda c: c["quantization_config"].update(group_size=64)),
                    "group_size -1 (per-channel) or 128"),
     "missing_B": (-1, dict(edit_tensors=lambda t: t.pop(f"{L0}.self_attn.k_proj.B")),
-                  "k_proj.B"),
+                  "missing 'B' of part(s) ['k'] of layer 'model.layers.0.self_attn.qkv_proj'"),
     "wrong_shape_s_channel": (-1, dict(edit_tensors=lambda t: t.update(
         {f"{L0}.mlp.down_proj.s_channel": torch.ones(1, 128)})), "down_proj.s_channel"),
     "wrong_dtype_s_group": (128, dict(edit_tensors=lambda t: t.update(

@@ -87,8 +87,11 @@ class QQQLinearMethod(LinearMethodBase):
         for name in ("B", "s_channel", "s_group"):
             seen = getattr(layer, name).qqq_loaded
             if None not in seen and len(seen) < layer.qqq_parts:
-                raise FormatError(f"QQQ checkpoint is missing '{name}' for layer '{layer.prefix}' "
-                                  f"(loaded parts: {sorted(map(str, seen)) or 'none'})")
+                parts = (["q", "k", "v"] if any(isinstance(s, str) for s in seen)
+                         else list(range(layer.qqq_parts)))
+                missing = [p for p in parts if p not in seen]
+                raise FormatError(f"QQQ checkpoint is missing '{name}' of part(s) {missing} of "
+                                  f"layer '{layer.prefix}'")
         w = unpack(layer.B.data, layer.s_channel.data, layer.s_group.data, group_size)
         if not torch.isfinite(w.channel).all() or (w.channel <= 0).any():
             raise FormatError(f"layer '{layer.prefix}': s_channel must be finite and positive "

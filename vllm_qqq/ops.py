@@ -135,11 +135,11 @@ def _stream(t: torch.Tensor) -> int:
 @torch.library.custom_op("qqq::quant_per_token", mutates_args=(), device_types=("cpu", "cuda"))
 def quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16/bf16 [M, K] -> (int8 [M, K], float32 [M, 1]), as reference.quantize_per_token."""
-    if x.device.type == "cpu":
-        return quantize_per_token(x)
     if x.dtype not in _DTYPE_CODE or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"qqq.quant_per_token needs a contiguous 2-D fp16/bf16 tensor, got "
                          f"{x.dtype} {list(x.shape)} contiguous={x.is_contiguous()}")
+    if x.device.type == "cpu":
+        return quantize_per_token(x)
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
@@ -161,12 +161,12 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.T
          out_dtype: torch.dtype) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
     (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel."""
-    if a.device.type == "cpu":
-        acc = int8_matmul(a, kernel_int8_weight(b, group))
-        return scale_output(acc, a_scale, scale, bias, out_dtype)
     m, k = a.shape
     n = b.shape[1] * 8
     _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
+    if a.device.type == "cpu":
+        acc = int8_matmul(a, kernel_int8_weight(b, group))
+        return scale_output(acc, a_scale, scale, bias, out_dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m:
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),

@@ -1,0 +1,109 @@
+"""qqq-quantize: the checkpoint it writes, its grids, and its refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import offline.checkpoint as checkpoint
+from offline.checkpoint import LINEAR_NAMES, CheckpointError
+from offline.grid import Grid, rtn
+from offline.quantize import main, quantize_model
+from vllm_qqq.format import pack, unpack
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_checkpoint_reloads_bit_identically(tiny_fp16, qqq_checkpoints, g):
+    out = qqq_checkpoints[g]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "qqq", "wbits": 4, "group_size": g}
+    assert (out / "tokenizer.json").is_file()
+    stored = load_file(str(out / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype="auto")
+    source = model.state_dict()
+    for i in range(model.config.num_hidden_layers):
+        for name in LINEAR_NAMES:
+            p = f"model.layers.{i}.{name}"
+            assert f"{p}.weight" not in stored
+            expect = pack(rtn(source[f"{p}.weight"], g))
+            for key, t in expect.items():
+                assert torch.equal(stored[f"{p}.{key}"], t), f"{p}.{key}"
+    for key, t in source.items():
+        if not any(f".{n}." in key for n in LINEAR_NAMES):
+            assert torch.equal(stored[key], t), key
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_rtn_lies_on_the_grid_and_is_nearest(g):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(128, 512, generator=gen)
+    w[3] = 0  # an all-zero row still gets a valid (positive) scale
+    qw = rtn(w, g)
+    stored = pack(qw)
+    back = unpack(stored["B"], stored["s_channel"], stored["s_group"], g)
+    assert torch.equal(back.codes, qw.codes)
+    assert (qw.channel > 0).all() and (qw.group is None or (qw.group > 0).all())
+    lo, hi = (-7, 7) if g == -1 else (0, 15)
+    assert qw.codes.min() >= lo and qw.codes.max() <= hi
+    # Every representable value, tried against the chosen one. Per-channel RTN is exactly the
+    # nearest; with groups the codes round w / (channel * s_group) while the grid point is
+    # channel * round((code - 8) * s_group), so it may miss the nearest by one int8 step.
+    grid = Grid(w, g)
+    chosen = qw.dequantize().t()
+    candidates = torch.stack([grid.dequant(torch.full_like(w, c, dtype=torch.long), 0)
+                              for c in range(lo, hi + 1)])
+    best = (candidates - w).abs().min(dim=0).values
+    err = (chosen - w).abs()
+    slack = 1e-6 if g == -1 else qw.channel[:, None] * (1 + 1e-6)
+    assert (err <= best + slack).all()
+    assert (err <= best + 1e-6).float().mean() > 0.9
+
+
+def test_interrupted_write_leaves_nothing(tiny_fp16, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_fp16, tmp_path / "out", group_size=128)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _copy_with_config(src, dst, **changes):
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_refusals(tiny_fp16, tmp_path):
+    with pytest.raises(CheckpointError, match="not supported"):
+        quantize_model(_copy_with_config(tiny_fp16, tmp_path / "gpt2",
+                                         architectures=["GPT2LMHeadModel"]), tmp_path / "o1")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        quantize_model(tmp_path, tmp_path / "o2")
+    with pytest.raises(CheckpointError, match="already exists"):
+        quantize_model(tiny_fp16, tiny_fp16)
+    fp32 = tmp_path / "fp32"
+    AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32).save_pretrained(fp32)
+    with pytest.raises(CheckpointError, match="FP16 or BF16"):
+        quantize_model(fp32, tmp_path / "o3")
+
+
+def test_group_size_must_divide_k(tmp_path):
+    from offline.tiny_model import make_tiny_llama
+    model = make_tiny_llama(tmp_path / "odd", intermediate=320, layers=1)  # down_proj K = 320
+    with pytest.raises(CheckpointError, match="down_proj.*does not divide"):
+        quantize_model(model, tmp_path / "out", group_size=128)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli(tiny_fp16, tmp_path, caplog):
+    assert main([str(tiny_fp16), str(tmp_path / "q"), "--group-size", "128"]) == 0
+    assert (tmp_path / "q" / "model.safetensors").is_file()
+    assert main([str(tiny_fp16), str(tmp_path / "q")]) == 2
+    assert "already exists" in caplog.text
