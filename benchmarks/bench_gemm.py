@@ -1,0 +1,232 @@
+"""W4A8 GEMM benchmark on the GPU, side by side with vLLM 0.26's kernels, in one run.
+
+    python benchmarks/bench_gemm.py [--json OUT.json] [--shapes qkv,o,gate_up,down] [--ms 1,16,...]
+
+Every time includes the implementation's activation quantization (ours too). Each number is the
+median over CUDA-graph replays of back-to-back calls that rotate over enough weight/input sets to
+exceed L2 (>= 3 sets, >= 150 MB), divided by the calls per graph. Baselines that fail to set up
+are reported with their error instead of stopping the run.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_qqq import ops  # noqa: E402
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+MS = [1, 16, 64, 128, 256, 1024, 4096, 8192]
+ROTATE_BYTES = 150 * 2**20
+DEV = "cuda"
+
+
+def rand_int32(*shape):
+    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=DEV)
+
+
+# Each setup(k, n) returns a function of x (fp16 [M, K]) -> output, with its weights bound.
+def setup_fp16(k, n):
+    w = torch.randn(n, k, device=DEV, dtype=torch.float16) / k**0.5
+    return lambda x: torch.nn.functional.linear(x, w), w.numel() * 2
+
+
+def setup_qqq(g):
+    def setup(k, n):
+        from offline.grid import Grid
+        w = torch.randn(n, k, device=DEV) / k**0.5
+        grid = Grid(w, g)
+        t = ops.prepare_weight(grid.to_weight(grid.codes(w, 0)))
+        ws = ops.workspace(DEV, n)
+        nbytes = sum(v.numel() * v.element_size() for v in t.values())
+        return (lambda x: ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws),
+                nbytes)
+    return setup
+
+
+def setup_w8a8(k, n):
+    from vllm import _custom_ops as vops
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV).t()  # column-major
+    sb = torch.rand(n, 1, device=DEV) * 1e-2
+
+    def f(x):
+        a, sa, _ = vops.scaled_int8_quant(x)
+        return vops.cutlass_scaled_mm(a, b, sa, sb, torch.float16)
+    return f, b.numel()
+
+
+def setup_marlin(group_size, act_int8):
+    def setup(k, n):
+        from vllm.model_executor.layers.quantization.utils.marlin_utils import (
+            apply_gptq_marlin_linear, marlin_act_int8_process_scales, marlin_make_workspace_new)
+        from vllm.model_executor.layers.quantization.utils.marlin_utils_test import (
+            marlin_quantize)
+        from vllm.scalar_type import scalar_types
+        wtype = scalar_types.uint4b8
+        w = torch.randn(k, n, device=DEV, dtype=torch.float16) / k**0.5
+        _, q_w, s, g_idx, sort_idx, _ = marlin_quantize(
+            w, wtype, group_size, False, input_dtype=torch.int8 if act_int8 else None)
+        global_scale = None
+        if act_int8:
+            s, global_scale = marlin_act_int8_process_scales(s)
+            global_scale = global_scale.reshape(1, 1).to(DEV)
+        ws = marlin_make_workspace_new(torch.device(DEV))
+        zp = torch.empty(0, dtype=torch.int32, device=DEV)
+
+        def f(x):
+            return apply_gptq_marlin_linear(
+                x, q_w, s, zp, g_idx, sort_idx, ws, wtype, n, k, is_k_full=True,
+                input_global_scale=global_scale,
+                input_dtype=torch.int8 if act_int8 else None)
+        return f, q_w.numel() * 4 + s.numel() * 2
+    return setup
+
+
+def setup_machete(k, n):
+    from vllm import _custom_ops as vops
+    from vllm.scalar_type import scalar_types
+    wtype = scalar_types.uint4b8
+    packed = rand_int32(k // 8, n).t().contiguous().t()  # packed along K, column-major
+    b = vops.machete_prepack_B(packed, torch.float16, wtype, torch.float16)
+    s = (torch.rand(k // 128, n, device=DEV) * 1e-2).half()
+    return (lambda x: vops.machete_mm(a=x, b_q=b, b_type=wtype, b_group_scales=s,
+                                      b_group_size=128), packed.numel() * 4 + s.numel() * 2)
+
+
+def setup_cutlass_w4a8_fp8(k, n):
+    from vllm import _custom_ops as vops
+    packed = rand_int32(k // 8, n).t().contiguous().t()
+    b = vops.cutlass_encode_and_reorder_int4b(packed)
+    s = vops.cutlass_pack_scale_fp8((torch.rand(k // 128, n, device=DEV) * 0.1 + 0.01)
+                                    .to(torch.float8_e4m3fn))
+    chan = torch.rand(n, 1, device=DEV) + 0.5
+
+    def f(x):
+        a, sa = vops.scaled_fp8_quant(x, use_per_token_if_dynamic=True)
+        return vops.cutlass_w4a8_mm(a=a, b_q=b, b_group_scales=s, b_group_size=128,
+                                    a_token_scales=sa, b_channel_scales=chan,
+                                    out_type=torch.bfloat16)
+    return f, packed.numel() * 4 + k // 128 * n
+
+
+IMPLS = {
+    "qqq_channel": setup_qqq(-1),
+    "qqq_g128": setup_qqq(128),
+    "fp16": setup_fp16,
+    "w8a8_cutlass": setup_w8a8,
+    "marlin_w4a16_g128": setup_marlin(128, False),
+    "machete_w4a16_g128": setup_machete,
+    "marlin_w4a8_channel": setup_marlin(-1, True),
+    "marlin_w4a8_g128": setup_marlin(128, True),
+    "cutlass_w4a8_fp8": setup_cutlass_w4a8_fp8,
+}
+
+
+def time_impl(setup, k, n, ms):
+    """{m: microseconds per call} for one implementation and shape."""
+    first, nbytes = setup(k, n)
+    sets = max(3, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
+    fns = [first] + [setup(k, n)[0] for _ in range(sets - 1)]
+    result = {}
+    for m in ms:
+        xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in fns]
+        for f, x in zip(fns, xs):
+            f(x)  # warm up, JIT and workspace setup outside the graph
+        torch.cuda.synchronize()
+        calls = max(len(fns), 2 * len(fns) if m <= 256 else len(fns))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)](xs[i % len(fns)])
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000 / calls)
+        result[m] = statistics.median(times)
+        del graph
+    del fns
+    torch.cuda.empty_cache()
+    return result
+
+
+def bytes_floor_us(k, n, m, bandwidth):
+    """4-bit weights + fp16 activations in + fp16 out, each moved once."""
+    return (k * n / 2 + 2 * m * k + 2 * m * n) / bandwidth * 1e6
+
+
+def measure_bandwidth():
+    x = torch.empty(2 * 2**30 // 4, device=DEV)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    end.synchronize()
+    bw = 2 * x.numel() * 4 * 10 / (start.elapsed_time(end) / 1000)
+    del x, y
+    return bw
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    args = parser.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    device = torch.cuda.get_device_name()
+    bw = measure_bandwidth()
+    print(f"device: {device}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    rows, errors = [], {}
+    for shape in args.shapes.split(","):
+        k, n = SHAPES[shape]
+        for impl in args.impls.split(","):
+            try:
+                times = time_impl(IMPLS[impl], k, n, ms)
+            except Exception as e:  # a baseline that cannot run here is reported, not fatal
+                errors[f"{shape}/{impl}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(f"  {shape} {impl}: FAILED {errors[f'{shape}/{impl}']}", flush=True)
+                continue
+            for m, us in times.items():
+                rows.append({"shape": shape, "K": k, "N": n, "M": m, "impl": impl, "us": us})
+            print(f"  {shape} {impl}: " + " ".join(f"{m}:{us:.1f}" for m, us in times.items()),
+                  flush=True)
+    # Table: per shape and M, each impl's time, its ratio to fp16 and to the best baseline.
+    print("\n| shape | M | floor us | " + " | ".join(args.impls.split(",")) + " | qqq_ch/fp16 | "
+          "qqq_ch/best base | qqq_g128/best base |")
+    for shape in args.shapes.split(","):
+        k, n = SHAPES[shape]
+        for m in ms:
+            t = {r["impl"]: r["us"] for r in rows if r["shape"] == shape and r["M"] == m}
+            base = [v for i, v in t.items() if not i.startswith("qqq")]
+            best = min(base) if base else float("nan")
+            cells = [f"{t[i]:.1f}" if i in t else "n/a" for i in args.impls.split(",")]
+            def ratio(a, b):
+                return f"{b / a:.2f}x" if a in t and b == b else "n/a"
+            r_fp16 = f"{t['fp16'] / t['qqq_channel']:.2f}x" if {"fp16", "qqq_channel"} <= t.keys() else "n/a"
+            r_ch = f"{best / t['qqq_channel']:.2f}x" if "qqq_channel" in t and base else "n/a"
+            r_g = f"{best / t['qqq_g128']:.2f}x" if "qqq_g128" in t and base else "n/a"
+            print(f"| {shape} | {m} | {bytes_floor_us(k, n, m, bw):.1f} | " + " | ".join(cells)
+                  + f" | {r_fp16} | {r_ch} | {r_g} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "copy_bandwidth_Bps": bw,
+                                         "rows": rows, "errors": errors}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

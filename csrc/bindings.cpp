@@ -1,0 +1,38 @@
+// pybind11 module vllm_qqq._C: thin wrappers over the kernel entry points. Tensors cross as
+// device pointers (ints) so the module does not depend on libtorch's C++ ABI; vllm_qqq/ops.py
+// checks shapes and dtypes and registers the torch ops.
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+template <typename T>
+static T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "QQQ W4A8 CUDA kernels";
+  m.def(
+      "quant_per_token",
+      [](uintptr_t x, int dtype, int rows, int k, uintptr_t q, uintptr_t scale, uintptr_t stream) {
+        qqq::quant_per_token(ptr<const void>(x), dtype, rows, k, ptr<int8_t>(q), ptr<float>(scale),
+                             reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("q"), py::arg("scale"),
+      py::arg("stream"));
+  m.def(
+      "gemm",
+      [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
+         uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,
+         int64_t workspace_entries, uintptr_t stream) {
+        qqq::w4a8_gemm(ptr<const int8_t>(a), ptr<const float>(a_scale), ptr<const uint32_t>(b),
+                       ptr<const float>(scale), ptr<const void>(group), ptr<const void>(bias),
+                       ptr<void>(out), out_dtype, rows, n, k, ptr<int>(workspace),
+                       workspace_entries, reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("scale"), py::arg("group"),
+      py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"));
+}

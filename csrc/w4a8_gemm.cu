@@ -1,0 +1,334 @@
+// W4A8 GEMM: int8 activations x int4 weights (per-channel, or two-level per-group of 128),
+// int32 accumulation with mma.sync m16n8k32, fp32 epilogue identical to the reference's.
+//
+// One CTA computes a BM x 128 output tile with 8 warps (WARPS_M x WARPS_N, each MT m16 tiles by
+// NT n8 tiles), streaming K in stages of 128 through a STAGES-deep cp.async pipeline. Weights
+// arrive in the kernel layout (vllm_qqq/ops.py): each lane's 32-bit word holds both B fragments
+// of one n8 x k32 step, so decoding is a mask and a shift (per-channel, codes read as code * 16)
+// or an fp16 fused multiply-add per pair (per-group: round((code - 8) * s_group) lands on the
+// int8 grid exactly; the loader has checked it cannot overflow).
+//
+// Small M (<= 64) does not fill the GPU with N / 128 tiles, so K is split over blockIdx.z: each
+// split adds its int32 partial sums into the workspace with atomics (exact, so the result does not
+// depend on the order), and the last split of a tile to finish applies the epilogue and zeroes
+// its part of the workspace again for the next call.
+#include <algorithm>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace qqq {
+
+constexpr int kThreads = 256;
+constexpr int kBN = 128;
+constexpr int kBK = 128;
+constexpr int kStages = 4;
+constexpr int kSplitMaxM = 64;  // ops.SPLITK_MAX_M
+
+template <int MT, int NT, int WARPS_M, int WARPS_N>
+struct Tile {
+  static_assert(WARPS_M * WARPS_N == kThreads / 32, "8 warps");
+  static_assert(WARPS_N * NT * 8 == kBN, "tile N");
+  static constexpr int BM = WARPS_M * MT * 16;
+  static constexpr int A_BYTES = BM * kBK;
+  static constexpr int B_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
+  static constexpr int S_BYTES = kBN * 2;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES;
+  static constexpr int SMEM_BYTES = kStages * STAGE_BYTES;
+};
+
+// Per-group decode of one word (8 codes of one column) into the two int8 B fragments.
+__device__ __forceinline__ void decode_group(uint32_t w, uint32_t s2, uint32_t& b0, uint32_t& b1) {
+  constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kExp = 0x64006400;  // 1024 + x
+  const uint32_t sh = w >> 8;
+  uint32_t lo02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kLo, kExp);  // bytes 0, 2: low nibble
+  uint32_t lo13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kLo, kExp);
+  uint32_t hi02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kHi, kExp);  // 1024 + 16 * high nibble
+  uint32_t hi13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kHi, kExp);
+  const half2 k1032 = __half2half2(__ushort_as_half(0x6408));   // 1024 + 8
+  const half2 kSixteenth = __half2half2(__ushort_as_half(0x2c00));  // 1 / 16
+  const half2 kMinus72 = __half2half2(__ushort_as_half(0xd480));    // -(64 + 8)
+  const half2 k1152 = __half2half2(__ushort_as_half(0x6480));       // 1024 + 128
+  const half2 s = *reinterpret_cast<const half2*>(&s2);
+  auto& h_lo02 = *reinterpret_cast<half2*>(&lo02);
+  auto& h_lo13 = *reinterpret_cast<half2*>(&lo13);
+  auto& h_hi02 = *reinterpret_cast<half2*>(&hi02);
+  auto& h_hi13 = *reinterpret_cast<half2*>(&hi13);
+  // code - 8, exactly
+  h_lo02 = __hsub2(h_lo02, k1032);
+  h_lo13 = __hsub2(h_lo13, k1032);
+  h_hi02 = __hfma2(h_hi02, kSixteenth, kMinus72);
+  h_hi13 = __hfma2(h_hi13, kSixteenth, kMinus72);
+  // 1152 + round((code - 8) * s): one rounding at unit spacing in [1024, 2048)
+  h_lo02 = __hfma2(h_lo02, s, k1152);
+  h_lo13 = __hfma2(h_lo13, s, k1152);
+  h_hi02 = __hfma2(h_hi02, s, k1152);
+  h_hi13 = __hfma2(h_hi13, s, k1152);
+  // low byte of each half is 128 + value: gather in k order, flip the top bit to get int8
+  b0 = prmt(hi02, hi13, 0x6240) ^ 0x80808080u;
+  b1 = prmt(lo02, lo13, 0x6240) ^ 0x80808080u;
+}
+
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
+__global__ void __launch_bounds__(kThreads, 2)
+    w4a8_gemm_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
+                     const uint32_t* __restrict__ b, const float* __restrict__ scale,
+                     const half* __restrict__ group, const Out* __restrict__ bias,
+                     Out* __restrict__ out, int m, int n, int k, int* __restrict__ ws_acc,
+                     int* __restrict__ ws_count) {
+  using T = Tile<MT, NT, WARPS_M, WARPS_N>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * T::BM;
+  const int n8_tiles = n / 8;
+
+  // This split's range of 128-deep k blocks.
+  const int kblocks = k / kBK, splits = gridDim.z;
+  const int kb_begin = static_cast<int>(static_cast<int64_t>(kblocks) * blockIdx.z / splits);
+  const int kb_end = static_cast<int>(static_cast<int64_t>(kblocks) * (blockIdx.z + 1) / splits);
+  const int iters = kb_end - kb_begin;
+
+  auto stage_a = [&](int s) { return smem + s * T::STAGE_BYTES; };
+  auto stage_b = [&](int s) {
+    return reinterpret_cast<uint32_t*>(smem + s * T::STAGE_BYTES + T::A_BYTES);
+  };
+  auto stage_s = [&](int s) {
+    return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::A_BYTES + T::B_BYTES);
+  };
+
+  auto load_stage = [&](int s, int kb) {
+    // A: BM rows x 8 chunks of 16 bytes; chunk c of row r stored at chunk c ^ (r % 8).
+    uint8_t* sa = stage_a(s);
+    for (int i = tid; i < T::BM * 8; i += kThreads) {
+      const int r = i / 8, c = i % 8;
+      const bool ok = m0 + r < m;
+      const int8_t* src = a + (static_cast<size_t>(ok ? m0 + r : 0) * k + kb * kBK + c * 16);
+      cp_async16(sa + r * kBK + ((c ^ (r % 8)) * 16), src, ok);
+    }
+    // B: 4 k32 steps x 16 n8 tiles x 32 words, each step 2 KB contiguous in global memory.
+    uint32_t* sb = stage_b(s);
+    for (int i = tid; i < T::B_BYTES / 16; i += kThreads) {
+      const int step = i / 128, rest = i % 128;  // rest: 16-byte chunk inside the step
+      const int t = rest / 8;                     // n8 tile within the CTA tile
+      const bool ok = n0 / 8 + t < n8_tiles;
+      const uint32_t* src =
+          b + ((static_cast<size_t>(kb * 4 + step) * n8_tiles + (ok ? n0 / 8 : 0)) * 32 +
+               rest * 4);
+      cp_async16(sb + step * 512 + rest * 4, src, ok);
+    }
+    if constexpr (GROUPED) {
+      if (tid < kBN / 8) {
+        const bool ok = n0 + tid * 8 < n;
+        const half* src = group + static_cast<size_t>(kb) * n + (ok ? n0 + tid * 8 : 0);
+        cp_async16(stage_s(s) + tid * 8, src, ok);
+      }
+    }
+  };
+
+  int acc[MT][NT][4];
+#pragma unroll
+  for (int i = 0; i < MT; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[i][j][e] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < iters) load_stage(s, kb_begin + s);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < iters; it++) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
+    cp_async_commit();
+
+    const int s = it % kStages;
+    const uint8_t* sa = stage_a(s);
+    const uint32_t* sb = stage_b(s);
+    uint32_t s2[NT];
+    if constexpr (GROUPED) {
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        const half sc = stage_s(s)[(wn * NT + j) * 8 + lane / 4];
+        s2[j] = static_cast<uint32_t>(__half_as_ushort(sc)) * 0x10001u;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kBK / 32; ks++) {
+      uint32_t af[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; i++) {
+        const int r = wm * MT * 16 + i * 16 + lane % 16;
+        const int c = ks * 2 + lane / 16;
+        ldmatrix_x4(af[i], sa + r * kBK + ((c ^ (r % 8)) * 16));
+      }
+#pragma unroll
+      for (int j = 0; j < NT; j++) {
+        const uint32_t w = sb[ks * 512 + (wn * NT + j) * 32 + lane];
+        uint32_t b0, b1;
+        if constexpr (GROUPED) {
+          decode_group(w, s2[j], b0, b1);
+        } else {
+          b0 = w & 0xf0f0f0f0u;         // high nibbles: code * 16 as int8
+          b1 = (w << 4) & 0xf0f0f0f0u;  // low nibbles
+        }
+#pragma unroll
+        for (int i = 0; i < MT; i++) mma_s8(acc[i][j], af[i], b0, b1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction.
+  auto finish = [&](int row, int col, int v0, int v1) {
+    const float ts = a_scale[row];
+    float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), scale[col]);
+    float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), scale[col + 1]);
+    if (bias != nullptr) {
+      y0 = __fadd_rn(y0, OutType<Out>::to_float(bias[col]));
+      y1 = __fadd_rn(y1, OutType<Out>::to_float(bias[col + 1]));
+    }
+    Out* dst = out + static_cast<size_t>(row) * n + col;
+    dst[0] = OutType<Out>::from_float(y0);
+    dst[1] = OutType<Out>::from_float(y1);
+  };
+
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+      for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+          const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
+          if (row < m && col < n) finish(row, col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        }
+    return;
+  }
+
+  // Split K: accumulate, then the last split of this tile finishes it.
+#pragma unroll
+  for (int i = 0; i < MT; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+        const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
+        if (row < m && col < n) {
+          atomicAdd(ws_acc + static_cast<size_t>(row) * n + col, acc[i][j][2 * h]);
+          atomicAdd(ws_acc + static_cast<size_t>(row) * n + col + 1, acc[i][j][2 * h + 1]);
+        }
+      }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) last = atomicAdd(ws_count + tile, 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < MT; i++)
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+        const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
+        if (row < m && col < n) {
+          int* p = ws_acc + static_cast<size_t>(row) * n + col;
+          const int v0 = __ldcg(p), v1 = __ldcg(p + 1);
+          p[0] = 0;
+          p[1] = 0;
+          finish(row, col, v0, v1);
+        }
+      }
+  if (tid == 0) ws_count[tile] = 0;
+}
+
+static int sm_count() {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
+  return sms;
+}
+
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
+static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                   const half* group, const void* bias, void* out, int m, int n, int k,
+                   int* workspace, cudaStream_t stream) {
+  using T = Tile<MT, NT, WARPS_M, WARPS_N>;
+  const int n_tiles = (n + kBN - 1) / kBN, m_tiles = (m + T::BM - 1) / T::BM;
+  int splits = 1;
+  if (m <= kSplitMaxM) {
+    // Enough CTAs for two per SM, each split keeping at least two k blocks to pipeline.
+    static const int sms = sm_count();
+    splits = std::max(1, std::min((2 * sms) / (n_tiles * m_tiles), (k / kBK) / 2));
+  }
+  int* ws_acc = workspace;
+  int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
+  dim3 grid(n_tiles, m_tiles, splits);
+  auto run = [&](auto kernel) {
+    static bool configured = false;  // per instantiation: raise the dynamic smem limit once
+    if (!configured) {
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      T::SMEM_BYTES),
+                 "cudaFuncSetAttribute");
+      configured = true;
+    }
+    kernel<<<grid, kThreads, T::SMEM_BYTES, stream>>>(
+        a, a_scale, b, scale, group, static_cast<const Out*>(bias), static_cast<Out*>(out), m, n,
+        k, ws_acc, ws_count);
+  };
+  if (group != nullptr) {
+    run(w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, true>);
+  } else {
+    run(w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, false>);
+  }
+  check_cuda(cudaGetLastError(), "w4a8_gemm launch");
+}
+
+template <typename Out>
+static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                     const half* group, const void* bias, void* out, int m, int n, int k,
+                     int* workspace, cudaStream_t stream) {
+  // The tile is chosen from M here, inside the op: vLLM's compiled graphs must not bake it in.
+  if (m <= 16) {
+    launch<Out, 1, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+  } else if (m <= 32) {
+    launch<Out, 2, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+  } else if (m <= 64) {
+    launch<Out, 2, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+  } else {
+    launch<Out, 4, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+  }
+}
+
+void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+               const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
+               int* workspace, int64_t workspace_entries, cudaStream_t stream) {
+  if (k % kBK != 0 || n % 64 != 0) {
+    throw std::invalid_argument("vllm_qqq: w4a8_gemm needs K % 128 == 0 and N % 64 == 0");
+  }
+  const int64_t need = static_cast<int64_t>(kSplitMaxM) * n + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
+  if (workspace_entries < need) {
+    throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
+  }
+  if (m == 0) return;
+  const half* g = static_cast<const half*>(group);
+  if (out_dtype == kFloat16) {
+    dispatch<half>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
+  } else if (out_dtype == kBFloat16) {
+    dispatch<__nv_bfloat16>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
+  } else {
+    throw std::invalid_argument("vllm_qqq: w4a8_gemm writes fp16 or bf16");
+  }
+}
+
+}  // namespace qqq

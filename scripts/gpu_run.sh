@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
+#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm
+# Logs and JSON go to $OUT (or out/gpu when run elsewhere).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-out/gpu}
+mkdir -p "$out"
+source .gpu/setup.sh || exit 1
+echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+status=0
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    build)
+      python3 -m pip install -q --no-build-isolation --no-deps --no-index \
+        -C cmake.define.QQQ_CUDA_ARCHS=90a -C build-dir=build/gpu -e . 2>&1 | tail -20
+      python3 -c "from vllm_qqq import _C, ops; print('extension:', _C.__file__, ops.kernels_available())" || exit 1
+      ;;
+    test)
+      python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+        | tee "$out/test_gpu.log" | tail -25 || status=1
+      ;;
+    sanitize)
+      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
+        -m gpu tests/test_kernels_gpu.py -k "small_partial_n or (quant_kernel and 128)" 2>&1 \
+        | tee "$out/sanitizer.log" | tail -8 || status=1
+      ;;
+    bench)
+      python3 benchmarks/bench_gemm.py --impls qqq_channel,qqq_g128,fp16,w8a8_cutlass \
+        --json "$out/gemm_quick.json" 2>&1 | tee "$out/bench_quick.log" | tail -45
+      ;;
+    bench-all)
+      python3 benchmarks/bench_gemm.py --json "$out/gemm_h100.json" 2>&1 \
+        | tee "$out/bench_all.log" | tail -45
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,132 @@
+"""The CUDA kernels against the reference on fresh random data (run on the GPU machine).
+
+Bound asserted: none. The kernels do the reference's arithmetic step by step (IEEE division and
+round-half-even for the activations, exact int32 accumulation, the same three fp32 roundings in
+the epilogue, no contraction), so outputs must be bit-identical."""
+
+import pytest
+import torch
+
+from offline.grid import rtn
+from vllm_qqq import ops
+from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+M_ALL = [1, 2, 7, 16, 33, 64, 128, 257, 1024, 4096]
+# (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
+SHAPES = {
+    "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
+    "llama3_down": (14336, 4096), "llama2_gate_up": (4096, 22016), "llama2_down": (11008, 4096),
+    "qwen_qkv": (1536, 2048), "qwen_gate_up": (1536, 17920), "qwen_down": (8960, 1536),
+    "small_partial_n": (256, 192),
+}
+# Full M sweep on a few shapes, a cheaper sweep on the rest.
+CASES = [(s, m) for s in ("llama3_qkv", "llama3_down", "qwen_down", "small_partial_n")
+         for m in M_ALL] + [(s, m) for s in SHAPES if s not in
+                            ("llama3_qkv", "llama3_down", "qwen_down", "small_partial_n")
+                            for m in (1, 16, 64, 257, 1024)]
+
+
+def make_layer(k, n, g, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.5)
+    if g == 128:  # make group scales differ a lot inside a row
+        w *= torch.rand(1, k // 128, generator=gen).repeat_interleave(128, 1) * 4 + 0.1
+    t = ops.prepare_weight(rtn(w, g))
+    return {name: v.cuda() for name, v in t.items()}
+
+
+def reference(x, t, bias):
+    a, s = quantize_per_token(x)
+    w8 = ops.kernel_int8_weight(t["qqq_b"], t["qqq_group"])  # on the GPU, exact
+    return scale_output(int8_matmul(a, w8), s, t["qqq_scale"], bias, x.dtype), a, s
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 128), (3, 4096), (64, 14336), (4096, 1536), (257, 8)])
+def test_quant_kernel_bit_identical(m, k, dtype):
+    x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 20).to(dtype)
+    x[0, : min(k, 5)] = 0
+    if m > 2:
+        x[2] = 0  # an all-zero row
+    q = torch.full((m, k), 0x55, dtype=torch.int8, device="cuda")  # poison
+    s = torch.full((m, 1), float("nan"), device="cuda")
+    from vllm_qqq import _C
+    _C.quant_per_token(x.data_ptr(), ops._DTYPE_CODE[dtype], m, k, q.data_ptr(), s.data_ptr(),
+                       torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    q_ref, s_ref = quantize_per_token(x.cpu())
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu(), q_ref)
+    q2, s2 = torch.ops.qqq.quant_per_token(x)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("shape,m", CASES)
+def test_gemm_matches_reference(shape, m, g):
+    k, n = SHAPES[shape]
+    t = make_layer(k, n, g, seed=m * 7 + k + n)
+    ws = ops.workspace("cuda", n)
+    for dtype in DTYPES:
+        x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
+        bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
+        ref, a, s = reference(x, t, bias)
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # poison
+        from vllm_qqq import _C
+        _C.gemm(a.data_ptr(), s.data_ptr(), t["qqq_b"].data_ptr(), t["qqq_scale"].data_ptr(),
+                t["qqq_group"].data_ptr() if g == 128 else 0,
+                bias.data_ptr() if bias is not None else 0, out.data_ptr(), ops._DTYPE_CODE[dtype],
+                m, n, k, ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        assert not out.isnan().any(), "output not fully written"
+        diff = (out.float() - ref.float()).abs()
+        assert torch.equal(out, ref), (f"{dtype}: {int((diff > 0).sum())} of {out.numel()} differ, "
+                                       f"max {diff.max().item()}")
+        assert ws.eq(0).all(), "split-K workspace not restored to zero"
+        y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, bias)
+        assert torch.equal(y, ref)
+
+
+def test_cuda_graph_and_compile():
+    k, n = 4096, 6144
+    t = make_layer(k, n, 128, seed=1)
+    ws = ops.workspace("cuda", n)
+
+    def f(x):
+        return ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
+
+    for m in (1, 48, 300):  # split-K and plain paths
+        static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        f(static_x)  # warm up outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = f(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn(m, k, device="cuda", dtype=torch.float16))
+            graph.replay()
+            assert torch.equal(static_y, f(static_x))
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for m in (1, 17, 200):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        assert torch.equal(compiled(x), f(x))
+
+
+def test_bad_inputs_are_errors():
+    t = make_layer(256, 128, -1, seed=0)
+    ws = ops.workspace("cuda", 128)
+    x = torch.randn(4, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="fp16/bf16"):
+        torch.ops.qqq.quant_per_token(x.float())
+    a, s = torch.ops.qqq.quant_per_token(x)
+    with pytest.raises(ValueError, match="K=128"):
+        torch.ops.qqq.gemm(a[:, :128].contiguous(), s, t["qqq_b"], t["qqq_scale"],
+                           t["qqq_group"], ws, None, torch.float16)
+    with pytest.raises(ValueError, match="workspace"):
+        torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws[:10], None,
+                           torch.float16)
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"].cpu(), t["qqq_group"], ws, None,
+                           torch.float16)
