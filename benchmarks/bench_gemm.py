@@ -49,6 +49,23 @@ def setup_qqq(g):
     return setup
 
 
+def setup_qqq_gemm_only(k, n):
+    """Our GEMM alone on pre-quantized activations: how much of qqq_channel is quantization."""
+    from offline.grid import rtn
+    w = rtn(torch.randn(n, k) / k**0.5, -1)
+    t = {name: v.to(DEV) for name, v in ops.prepare_weight(w).items()}
+    ws = ops.workspace(DEV, n)
+    cache = {}
+
+    def g(x):
+        if x.shape[0] not in cache:
+            cache[x.shape[0]] = torch.ops.qqq.quant_per_token(x)
+        a, s = cache[x.shape[0]]
+        return torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
+                                  torch.float16)
+    return g, sum(v.numel() * v.element_size() for v in t.values())
+
+
 def setup_w8a8(k, n):
     from vllm import _custom_ops as vops
     b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=DEV).t()  # column-major
@@ -117,6 +134,7 @@ def setup_cutlass_w4a8_fp8(k, n):
 IMPLS = {
     "qqq_channel": setup_qqq(-1),
     "qqq_g128": setup_qqq(128),
+    "qqq_gemm_only": setup_qqq_gemm_only,
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),
@@ -216,8 +234,6 @@ def main():
             base = [v for i, v in t.items() if not i.startswith("qqq")]
             best = min(base) if base else float("nan")
             cells = [f"{t[i]:.1f}" if i in t else "n/a" for i in args.impls.split(",")]
-            def ratio(a, b):
-                return f"{b / a:.2f}x" if a in t and b == b else "n/a"
             r_fp16 = f"{t['fp16'] / t['qqq_channel']:.2f}x" if {"fp16", "qqq_channel"} <= t.keys() else "n/a"
             r_ch = f"{best / t['qqq_channel']:.2f}x" if "qqq_channel" in t and base else "n/a"
             r_g = f"{best / t['qqq_g128']:.2f}x" if "qqq_g128" in t and base else "n/a"

@@ -8,7 +8,7 @@
 // or an fp16 fused multiply-add per pair (per-group: round((code - 8) * s_group) lands on the
 // int8 grid exactly; the loader has checked it cannot overflow).
 //
-// Small M (<= 64) does not fill the GPU with N / 128 tiles, so K is split over blockIdx.z: each
+// Small M (<= 256) does not fill the GPU with N / 128 tiles, so K is split over blockIdx.z: each
 // split adds its int32 partial sums into the workspace with atomics (exact, so the result does not
 // depend on the order), and the last split of a tile to finish applies the epilogue and zeroes
 // its part of the workspace again for the next call.
@@ -22,19 +22,20 @@ namespace qqq {
 constexpr int kThreads = 256;
 constexpr int kBN = 128;
 constexpr int kBK = 128;
-constexpr int kStages = 4;
-constexpr int kSplitMaxM = 64;  // ops.SPLITK_MAX_M
+constexpr int kSplitMaxM = 256;  // ops.SPLITK_MAX_M
 
 template <int MT, int NT, int WARPS_M, int WARPS_N>
 struct Tile {
   static_assert(WARPS_M * WARPS_N == kThreads / 32, "8 warps");
   static_assert(WARPS_N * NT * 8 == kBN, "tile N");
   static constexpr int BM = WARPS_M * MT * 16;
+  // Small tiles are bound by weight bandwidth: a deeper pipeline keeps more bytes in flight.
+  static constexpr int STAGES = BM <= 32 ? 6 : 4;
   static constexpr int A_BYTES = BM * kBK;
   static constexpr int B_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
   static constexpr int S_BYTES = kBN * 2;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES;
-  static constexpr int SMEM_BYTES = kStages * STAGE_BYTES;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 };
 
 // Per-group decode of one word (8 codes of one column) into the two int8 B fragments.
@@ -77,6 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                      Out* __restrict__ out, int m, int n, int k, int* __restrict__ ws_acc,
                      int* __restrict__ ws_count) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
+  constexpr int kStages = T::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
@@ -259,39 +261,54 @@ static int sm_count() {
   return sms;
 }
 
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
+// Raises a kernel's dynamic shared memory limit once (cudaFuncSetAttribute is per function).
+template <auto kernel, int bytes>
+static void allow_smem() {
+  static const bool done = [] {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute");
+    return true;
+  }();
+  (void)done;
+}
+
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* workspace, cudaStream_t stream) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
+  constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, GROUPED>;
   const int n_tiles = (n + kBN - 1) / kBN, m_tiles = (m + T::BM - 1) / T::BM;
   int splits = 1;
   if (m <= kSplitMaxM) {
-    // Enough CTAs for two per SM, each split keeping at least two k blocks to pipeline.
+    // Aim for three CTAs per SM so that no SM idles at the tail; each split keeps at least two
+    // k blocks to pipeline.
     static const int sms = sm_count();
-    splits = std::max(1, std::min((2 * sms) / (n_tiles * m_tiles), (k / kBK) / 2));
+    const int tiles = n_tiles * m_tiles;
+    splits = std::max(1, std::min((3 * sms + tiles - 1) / tiles, (k / kBK) / 2));
   }
   int* ws_acc = workspace;
   int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
+  allow_smem<kernel, T::SMEM_BYTES>();
   dim3 grid(n_tiles, m_tiles, splits);
-  auto run = [&](auto kernel) {
-    static bool configured = false;  // per instantiation: raise the dynamic smem limit once
-    if (!configured) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      T::SMEM_BYTES),
-                 "cudaFuncSetAttribute");
-      configured = true;
-    }
-    kernel<<<grid, kThreads, T::SMEM_BYTES, stream>>>(
-        a, a_scale, b, scale, group, static_cast<const Out*>(bias), static_cast<Out*>(out), m, n,
-        k, ws_acc, ws_count);
-  };
-  if (group != nullptr) {
-    run(w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, true>);
-  } else {
-    run(w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, false>);
-  }
+  kernel<<<grid, kThreads, T::SMEM_BYTES, stream>>>(a, a_scale, b, scale, group,
+                                                     static_cast<const Out*>(bias),
+                                                     static_cast<Out*>(out), m, n, k, ws_acc,
+                                                     ws_count);
   check_cuda(cudaGetLastError(), "w4a8_gemm launch");
+}
+
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
+static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                   const half* group, const void* bias, void* out, int m, int n, int k,
+                   int* workspace, cudaStream_t stream) {
+  if (group != nullptr) {
+    launch<Out, MT, NT, WARPS_M, WARPS_N, true>(a, a_scale, b, scale, group, bias, out, m, n, k,
+                                                workspace, stream);
+  } else {
+    launch<Out, MT, NT, WARPS_M, WARPS_N, false>(a, a_scale, b, scale, group, bias, out, m, n, k,
+                                                 workspace, stream);
+  }
 }
 
 template <typename Out>
@@ -316,7 +333,8 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (k % kBK != 0 || n % 64 != 0) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm needs K % 128 == 0 and N % 64 == 0");
   }
-  const int64_t need = static_cast<int64_t>(kSplitMaxM) * n + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
+  const int64_t need =
+      static_cast<int64_t>(kSplitMaxM) * n + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
   if (workspace_entries < need) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }

@@ -17,7 +17,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 2:
         raise ValueError(f"quantize_per_token expects a 2-D [M, K] input, got {list(x.shape)}")
     xf = x.float()
-    scale = xf.abs().amax(dim=1, keepdim=True) / 127.0
+    absmax = xf.abs().amax(dim=1, keepdim=True)
+    # A tensor divisor: PyTorch on CUDA turns division by a Python scalar into multiplication by
+    # its reciprocal, which rounds differently from the IEEE division the kernels do.
+    scale = absmax / torch.full_like(absmax, 127.0)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(xf / safe).clamp(-128, 127)
     q = torch.where(scale > 0, q, torch.zeros_like(q))
