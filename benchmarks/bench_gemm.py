@@ -52,7 +52,7 @@ def setup_qqq(g):
 def setup_qqq_gemm_only(k, n):
     """Our GEMM alone on pre-quantized activations: how much of qqq_channel is quantization."""
     from offline.grid import rtn
-    w = rtn(torch.randn(n, k) / k**0.5, -1)
+    w = rtn(torch.randn(n, k, device=DEV) / k**0.5, -1)
     t = {name: v.to(DEV) for name, v in ops.prepare_weight(w).items()}
     ws = ops.workspace(DEV, n)
     cache = {}
