@@ -26,7 +26,7 @@ except ImportError:  # built without CUDA: the reference path runs instead
 
 KERNEL_BK = 128  # K of one pipeline stage; also the only group size
 KERNEL_BN = 64  # N granularity the kernel accepts (partial 128-wide tiles are masked)
-SPLITK_MAX_M = 256  # rows up to which the GEMM may split K, accumulating in the workspace
+SPLITK_MAX_M = 64  # rows up to which the GEMM may split K, accumulating in the workspace
 
 
 def kernels_available() -> bool:
