@@ -10,18 +10,32 @@ from safetensors import safe_open
 
 from offline.checkpoint import LINEAR_NAMES
 from vllm_qqq.format import unpack
-from vllm_qqq.reference import w4a8_linear
+from vllm_qqq.reference import quantize_per_token, w4a8_linear
 
 
 class W4A8Linear(torch.nn.Module):
-    def __init__(self, w_int8: torch.Tensor, channel: torch.Tensor, bias: torch.Tensor | None):
+    """exact=True: the reference (int32-exact accumulation). exact=False: the same quantized
+    values multiplied in fp32 (dequantized activations x dequantized weights), for speed in
+    perplexity runs; it differs only by fp32 rounding."""
+
+    def __init__(self, w_int8: torch.Tensor, channel: torch.Tensor, bias: torch.Tensor | None,
+                 exact: bool = True):
         super().__init__()
+        self.exact = exact
         self.register_buffer("w_int8", w_int8)
         self.register_buffer("channel", channel)
         self.register_buffer("bias", bias)
+        if not exact:
+            self.register_buffer("w_dq", w_int8.float() * channel[None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w4a8_linear(x, self.w_int8, self.channel, self.bias, x.dtype)
+        if self.exact:
+            return w4a8_linear(x, self.w_int8, self.channel, self.bias, x.dtype)
+        q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
+        y = (q.float() * s) @ self.w_dq
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
 def _tensors(qqq_dir: Path):
@@ -33,7 +47,7 @@ def _tensors(qqq_dir: Path):
     return out
 
 
-def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32):
+def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exact: bool = True):
     """transformers model for a QQQ checkpoint directory, its linears replaced by W4A8Linear."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,10 +67,10 @@ def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32):
             parent, child = name.split(".")
             setattr(layer.get_submodule(parent), child,
                     W4A8Linear(w.int8_weight(), w.channel,
-                               None if bias is None else bias.to(dtype)))
+                               None if bias is None else bias.to(dtype), exact))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()},
                                                 strict=False)
-    missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias"))
+    missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias", "w_dq"))
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, "

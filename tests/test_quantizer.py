@@ -18,7 +18,9 @@ from vllm_qqq.format import pack, unpack
 def test_checkpoint_reloads_bit_identically(tiny_fp16, qqq_checkpoints, g):
     out = qqq_checkpoints[g]
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "qqq", "wbits": 4, "group_size": g}
+    qc = config["quantization_config"]
+    assert (qc["quant_method"], qc["wbits"], qc["group_size"]) == ("qqq", 4, g)
+    assert qc["smooth"] is False and qc["gptq"] is False  # no calibration text: RTN
     assert (out / "tokenizer.json").is_file()
     stored = load_file(str(out / "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype="auto")

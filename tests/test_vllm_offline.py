@@ -40,22 +40,24 @@ def check_greedy(qqq_dir, generated):
     return ties
 
 
-@pytest.mark.parametrize("g,quantization", [(-1, "qqq"), (128, "auto")])
-def test_generate_matches_fake_quant(qqq_checkpoints, tiny_fp16, g, quantization):
-    """quantization="qqq" for per-channel; no flag for g128 (auto-detected from config.json)."""
-    proc = run_vllm("generate", str(qqq_checkpoints[g]), quantization, "float32",
-                    json.dumps(PROMPTS))
+@pytest.mark.parametrize("kind,quantization", [("rtn_channel", "qqq"), ("qqq_g128", "auto")])
+def test_generate_matches_fake_quant(qqq_checkpoints, qqq_calibrated, tiny_fp16, kind,
+                                     quantization):
+    """Per-channel RTN with quantization="qqq"; the calibrated (smoothing + GPTQ) g128 checkpoint
+    with no flag (auto-detected from config.json)."""
+    ckpt = qqq_checkpoints[-1] if kind == "rtn_channel" else qqq_calibrated
+    proc = run_vllm("generate", str(ckpt), quantization, "float32", json.dumps(PROMPTS))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["quantization"] == "qqq"
-    ties = check_greedy(qqq_checkpoints[g], result["tokens"])
+    ties = check_greedy(ckpt, result["tokens"])
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
 
     # The comparison means something: the fake-quant model is not the float model.
     from transformers import AutoModelForCausalLM
     fp = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
-    fq = load_fake_quant_model(qqq_checkpoints[g], torch.float32)
+    fq = load_fake_quant_model(ckpt, torch.float32)
     x = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
         assert not torch.allclose(fp(x).logits, fq(x).logits, atol=1e-3)

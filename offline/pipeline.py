@@ -1,0 +1,110 @@
+"""The calibrated QQQ pipeline, one decoder layer at a time (bounded memory): capture the layer's
+inputs, smooth, collect each linear's Hessian, GPTQ (or round) onto the QQQ grid, then run the
+layer with its quantized weights to produce the next layer's inputs."""
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from offline.checkpoint import LINEAR_NAMES
+from offline.gptq import Hessian, gptq
+from offline.grid import Grid
+from offline.smooth import smooth_layer
+from vllm_qqq.format import QQQWeight
+
+log = logging.getLogger("qqq-quantize")
+SMOOTH_ROWS = 2048  # calibration tokens the smoothing search uses per pair
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model, samples: torch.Tensor, device):
+    """Hidden states entering layer 0 for each sample, and the keyword arguments (position
+    embeddings, mask, ...) the layers are called with."""
+    layer0 = model.model.layers[0]
+    inputs, kwargs = [], {}
+
+    def grab(module, args, kw):
+        inputs.append((args[0] if args else kw["hidden_states"]).detach())
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in samples:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+@torch.no_grad()
+def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
+    """Run layer on inputs; accumulate Hessians of the named linears' inputs and/or keep up to
+    keep_rows rows of each. Returns the layer outputs and the kept rows."""
+    kept = {n: [] for n in names}
+    handles = []
+    for name in names:
+        def hook(module, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if hessians is not None:
+                hessians[name].add(x)
+            if keep_rows and sum(r.shape[0] for r in kept[name]) < keep_rows:
+                kept[name].append(x.float().cpu())
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        outputs = [_layer_output(layer(x, **kwargs)) for x in inputs]
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {n: torch.cat(v)[:keep_rows] for n, v in kept.items() if v}
+    return outputs, rows
+
+
+@torch.no_grad()
+def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
+                    device="cpu") -> dict[str, QQQWeight]:
+    """Quantize every decoder linear of `model` in place (weights become their fake-quantized
+    values; smoothing is folded into norms and producers) and return the layers' QQQ weights."""
+    config = model.config
+    heads_match = config.num_attention_heads == getattr(config, "num_key_value_heads",
+                                                        config.num_attention_heads)
+    model.model.embed_tokens.to(device)
+    model.model.rotary_emb.to(device)
+    inputs, kwargs = capture_first_layer_inputs(model, samples, device)
+    result = {}
+    for i, layer in enumerate(tqdm(model.model.layers, desc="QQQ layers", unit="layer")):
+        start = time.time()
+        layer.to(device)
+        if smooth:
+            _, rows = _collect(layer, inputs, kwargs, LINEAR_NAMES, keep_rows=SMOOTH_ROWS)
+            pairs = smooth_layer(layer, {n: r.to(device) for n, r in rows.items()}, group_size,
+                                 heads_match)
+            log.debug("layer %d smoothing: %s", i, pairs)
+        hessians = {n: Hessian(layer.get_submodule(n).in_features, device) for n in LINEAR_NAMES}
+        if use_gptq:
+            _collect(layer, inputs, kwargs, LINEAR_NAMES, hessians=hessians)
+        for name in LINEAR_NAMES:
+            linear = layer.get_submodule(name)
+            w = linear.weight.data.float()
+            grid = Grid(w, group_size)
+            codes = gptq(w, hessians[name].h, grid) if use_gptq else grid.codes(w, 0)
+            result[f"model.layers.{i}.{name}"] = grid.to_weight(codes.cpu())
+            linear.weight.data = grid.dequant(codes, 0).to(linear.weight.dtype)
+        del hessians
+        inputs, _ = _collect(layer, inputs, kwargs, [])
+        layer.to("cpu")
+        log.info("layer %d/%d done in %.1f s", i + 1, len(model.model.layers), time.time() - start)
+    return result

@@ -1,0 +1,119 @@
+"""The calibrated quantizer's stages on a tiny model: smoothing folds exactly, GPTQ beats RTN on
+its own calibration data, the pipeline writes a valid checkpoint, bad calibration text is refused."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from offline.calibration import CalibrationError, calibration_samples, read_text
+from offline.gptq import Hessian, gptq
+from offline.grid import Grid
+from offline.quantize import main, quantize_model
+from offline.smooth import fold_into_linear, fold_into_norm, search_scales
+from offline.tiny_model import corpus
+
+
+@pytest.fixture(scope="module")
+def calib_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(corpus(300, seed=1)))
+    return path
+
+
+def test_smoothing_folds_preserve_the_float_model(tiny_fp16):
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
+    x = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        before = model(x).logits
+        gen = torch.Generator().manual_seed(0)
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            s = torch.rand(a.q_proj.in_features, generator=gen) * 8 + 0.1
+            fold_into_norm(layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj], s)
+            s = torch.rand(m.gate_proj.in_features, generator=gen) * 8 + 0.1
+            fold_into_norm(layer.post_attention_layernorm, [m.gate_proj, m.up_proj], s)
+            s = torch.rand(m.down_proj.in_features, generator=gen) * 8 + 0.1
+            fold_into_linear(m.up_proj, m.down_proj, s)
+        after = model(x).logits
+    # Exact in real arithmetic; fp32 rounding of the scaled weights is all that differs.
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_into_linear_v_to_o_with_bias():
+    gen = torch.Generator().manual_seed(1)
+    v, o = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+    x = torch.randn(10, 64, generator=gen)
+    with torch.no_grad():
+        before = o(v(x))
+        fold_into_linear(v, o, torch.rand(64, generator=gen) * 4 + 0.25)
+        torch.testing.assert_close(o(v(x)), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_search_scales_reduce_quantized_error_on_outliers(g):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 256, generator=gen)
+    x[:, :4] *= 40  # activation outlier channels, as in real LLMs
+    w = torch.randn(128, 256, generator=gen) / 16
+    from offline.smooth import _quantized_error
+    ref = [x @ w.t()]
+    s = search_scales(x, [w], g)
+    assert _quantized_error(x, [w], s, g, ref) < 0.8 * _quantized_error(
+        x, [w], torch.ones(256), g, ref)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+def test_gptq_beats_rtn_on_calibration_data(g):
+    gen = torch.Generator().manual_seed(3)
+    k, n = 512, 256
+    mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)  # correlated inputs
+    x = torch.randn(4096, k, generator=gen) @ mix
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    hess = Hessian(k)
+    for chunk in x.split(1000):
+        hess.add(chunk)
+    torch.testing.assert_close(hess.h, 2 * x.t() @ x / x.shape[0], rtol=1e-3, atol=1e-3)
+    grid = Grid(w, g)
+    rtn_err = (x @ (grid.quantize(w) - w).t()).pow(2).sum()
+    codes = gptq(w, hess.h, grid)
+    lo, hi = (-7, 7) if g == -1 else (0, 15)
+    assert codes.min() >= lo and codes.max() <= hi
+    if g == 128:  # every code times its group scale stays on the int8 grid
+        prod = torch.round((codes.float() - 8) * grid._group_scale(0, k))
+        assert prod.min() >= -128 and prod.max() <= 127
+    gptq_err = (x @ (grid.dequant(codes, 0) - w).t()).pow(2).sum()
+    assert gptq_err < 0.8 * rtn_err, (gptq_err, rtn_err)
+
+
+def test_calibrated_checkpoint(tiny_fp16, calib_text, tmp_path):
+    out = quantize_model(tiny_fp16, tmp_path / "q", 128, calib=calib_text, nsamples=8, seqlen=64)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["smooth"] and qc["gptq"] and qc["group_size"] == 128
+    from offline.fake_quant import load_fake_quant_model  # unpacks and checks every tensor
+    fq = load_fake_quant_model(out)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
+    from transformers import AutoTokenizer
+    windows = calibration_samples(AutoTokenizer.from_pretrained(tiny_fp16),
+                                  read_text(calib_text), 4, 64, seed=9)
+    with torch.no_grad():
+        a, b = fp(windows).logits, fq(windows).logits
+    rel = (a - b).norm() / a.norm()
+    assert 0 < rel < 0.5, rel  # quantized, and still the same model
+
+
+def test_bad_calibration_text(tiny_fp16, tmp_path, caplog):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(CalibrationError, match="empty"):
+        quantize_model(tiny_fp16, tmp_path / "o1", calib=empty)
+    short = tmp_path / "short.txt"
+    short.write_text("the model reads.")
+    with pytest.raises(CalibrationError, match="at least 65"):
+        quantize_model(tiny_fp16, tmp_path / "o2", calib=short, seqlen=64)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        quantize_model(tiny_fp16, tmp_path / "o3", calib=tmp_path / "nope.txt")
+    assert main([str(tiny_fp16), str(tmp_path / "o4"), "--calib", str(short)]) == 2
+    assert "tokens" in caplog.text
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
