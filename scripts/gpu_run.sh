@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
-#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm
+#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm e2e
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,14 @@ for step in "$@"; do
     bench-all)
       python3 benchmarks/bench_gemm.py --json "$out/gemm_h100.json" 2>&1 \
         | tee "$out/bench_all.log" | tail -45
+      ;;
+    vllm)
+      python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_vllm_gpu.py 2>&1 \
+        | tee "$out/test_vllm_gpu.log" | tail -15 || status=1
+      ;;
+    e2e)
+      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-8}" \
+        --json "$out/e2e_h100.json" 2>&1 | tee "$out/bench_e2e.log" | tail -30
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -11,7 +11,11 @@ import sys
 
 
 def make_llm(model_dir, quantization, dtype, **kw):
+    import torch
     from vllm import LLM
+    if torch.cuda.is_available():
+        kw.setdefault("attention_backend", "TRITON_ATTN")  # the GPU kit has no FlashAttention
+        kw.setdefault("gpu_memory_utilization", 0.3)
     return LLM(model_dir, quantization=None if quantization == "auto" else quantization,
                dtype=dtype, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8, seed=0,
                **kw)

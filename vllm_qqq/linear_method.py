@@ -13,9 +13,14 @@ from vllm.model_executor.layers.linear import (LinearMethodBase,
 from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
                                            GroupQuantScaleParameter, PackedvLLMParameter)
 
+from vllm.logger import init_logger
+
 from vllm_qqq import ops
 from vllm_qqq.format import N_BLOCK, PACK, TILE, FormatError, check_shape, unpack
 from vllm_qqq.reference import w4a8_linear
+
+logger = init_logger("vllm.qqq")
+_announced = set()
 
 # Largest |s_group| that cannot push (code - 8) * s_group out of int8 for codes of one sign.
 _MAX_GROUP_SCALE = 127.5 / 7
@@ -122,6 +127,10 @@ class QQQLinearMethod(LinearMethodBase):
             keep("qqq_w8", w.int8_weight())
             keep("qqq_scale", w.channel.float().contiguous())
             layer.qqq_cuda = False
+        path = "the QQQ CUDA kernels" if layer.qqq_cuda else "the PyTorch reference"
+        if path not in _announced:
+            _announced.add(path)
+            logger.info("QQQ (group_size %d) linear layers run %s", group_size, path)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
