@@ -31,7 +31,9 @@ for step in "$@"; do
         --json "$out/gemm_quick.json" 2>&1 | tee "$out/bench_quick.log" | tail -45
       ;;
     bench-all)
-      python3 benchmarks/bench_gemm.py --json "$out/gemm_h100.json" 2>&1 \
+      python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
+        --impls qqq_channel,qqq_g128,fp16,w8a8_cutlass,marlin_w4a16_g128,machete_w4a16_g128,marlin_w4a8_channel,marlin_w4a8_g128,cutlass_w4a8_fp8 \
+        --json "$out/gemm_h100.json" 2>&1 \
         | tee "$out/bench_all.log" | tail -45
       ;;
     vllm)
