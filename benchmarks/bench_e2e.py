@@ -49,13 +49,15 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
     return out
 
 
-def run_format(model: str, quantization: str | None) -> dict:
+def run_format(model: str, quantization: str | None, batches, eager: bool) -> dict:
     """In a child process: throughput and decode latency for one checkpoint."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model, quantization=quantization, skip_tokenizer_init=True, max_model_len=2048,
               max_num_seqs=256, gpu_memory_utilization=0.85, attention_backend="TRITON_ATTN",
-              seed=0)
+              seed=0, enforce_eager=eager)
+    cc = llm.llm_engine.vllm_config.compilation_config
+    print(f"compilation mode {cc.mode}, cudagraph mode {cc.cudagraph_mode}", flush=True)
     import random
     rng = random.Random(0)
 
@@ -75,7 +77,7 @@ def run_format(model: str, quantization: str | None) -> dict:
 
     timed(4, 8)  # warm up
     rows = []
-    for batch in BATCHES:
+    for batch in batches:
         t = timed(batch, 128)
         row = {"batch": batch, "input_len": 1024, "output_len": 128,
                "tokens_per_s": batch * 128 / t}
@@ -96,10 +98,13 @@ def main():
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--formats", default="fp16,qqq_channel,qqq_g128")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = run_format(args.child[0], None if args.child[1] == "none" else args.child[1])
+        result = run_format(args.child[0], None if args.child[1] == "none" else args.child[1],
+                            [int(b) for b in args.batches.split(",")], args.eager)
         print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
@@ -111,8 +116,12 @@ def main():
     for fmt in args.formats.split(","):
         quant = "qqq" if fmt.startswith("qqq") else "none"
         env = dict(os.environ)
-        proc = subprocess.run([sys.executable, __file__, "--child", str(models[fmt]), quant],
-                              capture_output=True, text=True, env=env, timeout=900)
+        cmd = [sys.executable, __file__, "--child", str(models[fmt]), quant,
+               "--batches", args.batches] + (["--eager"] if args.eager else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        for line in (proc.stdout + proc.stderr).splitlines():
+            if "compilation mode" in line or "CUDA graph" in line or "cudagraph" in line.lower():
+                print(f"  [{fmt}] {line[-200:]}")
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{fmt}: FAILED\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}", flush=True)

@@ -44,6 +44,12 @@ for step in "$@"; do
       python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-8}" \
         --json "$out/e2e_h100.json" 2>&1 | tee "$out/bench_e2e.log" | tail -30
       ;;
+    decode-diag)
+      for mode in "" --eager; do
+        python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers 2 --formats fp16,qqq_channel \
+          --batches 1 $mode 2>&1 | tee -a "$out/decode_diag.log" | grep -vE "^\s*$" | tail -12
+      done
+      ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
