@@ -91,6 +91,11 @@ BAD_CHECKPOINTS = {
                    "group_size -1 (per-channel) or 128"),
     "missing_B": (-1, dict(edit_tensors=lambda t: t.pop(f"{L0}.self_attn.k_proj.B")),
                   "missing 'B' of part(s) ['k'] of layer 'model.layers.0.self_attn.qkv_proj'"),
+    "missing_s_channel": (128, dict(edit_tensors=lambda t: t.pop(f"{L0}.mlp.up_proj.s_channel")),
+                          "missing 's_channel' of part(s) [1] of layer 'model.layers.0.mlp.gate_up_proj'"),
+    "wrong_shape_B": (-1, dict(edit_tensors=lambda t: t.update(
+        {f"{L0}.self_attn.o_proj.B": t[f"{L0}.self_attn.o_proj.B"][:, :64].contiguous()})),
+        "o_proj.B"),
     "wrong_shape_s_channel": (-1, dict(edit_tensors=lambda t: t.update(
         {f"{L0}.mlp.down_proj.s_channel": torch.ones(1, 128)})), "down_proj.s_channel"),
     "wrong_dtype_s_group": (128, dict(edit_tensors=lambda t: t.update(
