@@ -89,3 +89,15 @@ def test_chat_completions(server):
                                             temperature=0, stream=True))
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == r.choices[0].message.content
+
+
+def test_bounded_concurrent_load(server):
+    """16 concurrent streaming clients for 15 s (the full 64 x 60 s run is benchmarks/load_test.py):
+    no request fails and the server stays healthy."""
+    import asyncio
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from load_test import run_load
+    result = asyncio.run(run_load(server, "tiny-qqq", concurrency=16, duration=15, max_tokens=16))
+    assert result["failed"] == 0, result["failures"]
+    assert result["requests"] >= 16 and result["healthy_after"]
