@@ -118,3 +118,21 @@ def test_bad_checkpoint_is_a_clear_error(qqq_checkpoints, tmp_path, case):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "LOADED" not in proc.stdout, out[-3000:]
     assert message in out, out[-5000:]
+
+
+def test_perplexity_agrees_with_fake_quant(qqq_calibrated, tiny_fp16):
+    """The evaluation's number is the served model's number: perplexity from vLLM's prompt
+    logprobs on the calibrated g128 checkpoint vs qqq-eval's fake-quant path, within 1%."""
+    from transformers import AutoTokenizer
+
+    from offline.calibration import eval_windows
+    from offline.evaluate import load_model, perplexity
+    from offline.tiny_model import corpus
+    tok = AutoTokenizer.from_pretrained(tiny_fp16)
+    windows = eval_windows(tok, "\n".join(corpus(200, seed=7)), 128, max_windows=6)
+    proc = run_vllm("ppl", str(qqq_calibrated), "float32", json.dumps(windows.tolist()))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    served = json.loads(lines[-1][len("RESULT "):])["ppl"]
+    offline = perplexity(load_model(qqq_calibrated), windows)
+    assert abs(served / offline - 1) < 0.01, (served, offline)

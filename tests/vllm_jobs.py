@@ -2,6 +2,8 @@
 
     python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON
         prints one line: RESULT <json list of generated token id lists>
+    python tests/vllm_jobs.py ppl MODEL_DIR DTYPE WINDOWS_JSON
+        prints RESULT <json {"ppl": ...}> from vLLM's prompt logprobs over the token windows
     python tests/vllm_jobs.py load MODEL_DIR
         starts an engine with quantization="qqq"; exits non-zero with vLLM's error if it fails
 """
@@ -16,9 +18,10 @@ def make_llm(model_dir, quantization, dtype, **kw):
     if torch.cuda.is_available():
         kw.setdefault("attention_backend", "TRITON_ATTN")  # the GPU kit has no FlashAttention
         kw.setdefault("gpu_memory_utilization", 0.3)
+    kw.setdefault("max_model_len", 256)
     return LLM(model_dir, quantization=None if quantization == "auto" else quantization,
-               dtype=dtype, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=8, seed=0,
-               **kw)
+               dtype=dtype, max_num_batched_tokens=max(256, kw["max_model_len"]), max_num_seqs=8,
+               seed=0, **kw)
 
 
 def main():
@@ -32,6 +35,20 @@ def main():
         method = llm.llm_engine.vllm_config.model_config.quantization
         print("RESULT", json.dumps({"quantization": method,
                                     "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+    elif job == "ppl":
+        import math
+
+        from vllm import SamplingParams
+        dtype, windows = sys.argv[3], json.loads(sys.argv[4])
+        llm = make_llm(model_dir, "qqq", dtype, max_model_len=max(len(w) for w in windows) + 8)
+        outs = llm.generate([{"prompt_token_ids": w} for w in windows],
+                            SamplingParams(max_tokens=1, prompt_logprobs=0))
+        nll, count = 0.0, 0
+        for w, o in zip(windows, outs):
+            for t in range(1, len(w)):
+                nll -= o.prompt_logprobs[t][w[t]].logprob
+                count += 1
+        print("RESULT", json.dumps({"ppl": math.exp(nll / count), "tokens": count}))
     elif job == "load":
         make_llm(model_dir, "qqq", "auto", enforce_eager=True)
         print("LOADED")
