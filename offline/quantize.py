@@ -1,10 +1,13 @@
 """qqq-quantize: turn a Hugging Face FP16/BF16 causal LM into a QQQ checkpoint.
 
-    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--calib TEXT] [--no-smooth] [--no-gptq]
+    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--calib TEXT] [--rotate]
+                 [--no-smooth] [--no-gptq]
 
 With calibration text (a file or a directory of *.txt) the QQQ pipeline runs: adaptive smoothing
-(offline/smooth.py), then GPTQ onto the QQQ grid (offline/gptq.py), one layer at a time. Without
-it, or with --no-smooth --no-gptq, weights are rounded to the nearest grid point (RTN).
+(offline/smooth.py), then GPTQ onto the QQQ grid (offline/gptq.py), one layer at a time. --rotate
+picks the other pipeline: rotation of the residual stream (offline/rotate.py) then GPTQ, without
+smoothing unless --smooth is given. Without calibration text, or with --no-smooth --no-gptq,
+weights are rounded to the nearest grid point (RTN).
 """
 
 import argparse
@@ -21,6 +24,7 @@ from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_source_dtyp
                                 read_config, write_checkpoint)
 from offline.grid import rtn
 from offline.pipeline import quantize_layers
+from offline.rotate import rotate_model
 from vllm_qqq.format import FormatError, check_shape
 
 log = logging.getLogger("qqq-quantize")
@@ -40,7 +44,7 @@ def _check_linears(model, group_size: int) -> None:
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    calib: Path | None = None, smooth: bool = True, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
-                   seed: int = 0) -> Path:
+                   seed: int = 0, rotate: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
@@ -58,9 +62,14 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     src_dtype = check_source_dtype(model)
     _check_linears(model, group_size)
     start = time.time()
+    if rotate or calibrated:
+        model.float()  # work in fp32; the exported non-linear tensors go back to src_dtype
+    if rotate:
+        rotate_model(model, seed)
+        config = dict(config, tie_word_embeddings=False)  # rotation unties lm_head
     if calibrated:
-        model.float()  # calibrate in fp32; the exported non-linear tensors go back to src_dtype
-        method = "+".join(m for m, on in (("smooth", smooth), ("gptq", gptq)) if on)
+        method = "+".join(m for m, on in (("rotate", rotate), ("smooth", smooth), ("gptq", gptq))
+                          if on)
         log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
                  nsamples, seqlen, device)
         weights = quantize_layers(model, samples, group_size, smooth, gptq, device)
@@ -77,7 +86,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
         state.pop("lm_head.weight", None)
     out = write_checkpoint(out_dir, state, config, group_size, model_dir,
                            extra={"smooth": bool(calibrated and smooth),
-                                  "gptq": bool(calibrated and gptq)})
+                                  "gptq": bool(calibrated and gptq), "rotate": rotate})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
              time.time() - start, peak, out)
@@ -92,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="-1: per-channel int4; 128: two-level per-group (default -1)")
     parser.add_argument("--calib", type=Path,
                         help="calibration text: a file or a directory of *.txt (local only)")
-    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=True,
-                        help="adaptive smoothing before quantization (default on)")
+    parser.add_argument("--rotate", action="store_true",
+                        help="rotate the residual stream (weights only) instead of smoothing")
+    parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
+                        help="adaptive smoothing before quantization (default: on, off with "
+                             "--rotate)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ error compensation; --no-gptq rounds to nearest (default on)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
@@ -106,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, args.smooth,
-                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed)
+        smooth = (not args.rotate) if args.smooth is None else args.smooth
+        quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
+                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, args.rotate)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

@@ -117,3 +117,38 @@ def test_bad_calibration_text(tiny_fp16, tmp_path, caplog):
     assert main([str(tiny_fp16), str(tmp_path / "o4"), "--calib", str(short)]) == 2
     assert "tokens" in caplog.text
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+
+
+def test_rotation_preserves_the_float_model(tiny_fp16):
+    from offline.rotate import rotate_model
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
+    model.config.tie_word_embeddings = True  # exercise untying too
+    model.lm_head.weight = model.model.embed_tokens.weight
+    x = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        before = model(x).logits
+        rotate_model(model, seed=3)
+        after = model(x).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert not model.config.tie_word_embeddings
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+
+
+def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
+    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1", "--rotate",
+                 "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["rotate"] and qc["gptq"] and not qc["smooth"] and not cfg["tie_word_embeddings"]
+    # Same GPTQ without rotation: on this random model (no outliers to spread) rotation should
+    # neither help much nor hurt; a broken rotation would be far off.
+    assert main([str(tiny_fp16), str(tmp_path / "p"), "--group-size", "-1", "--no-smooth",
+                 "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
+    from offline.fake_quant import load_fake_quant_model
+    fp = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
+    x = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        a = fp(x).logits
+        err_rot = (load_fake_quant_model(tmp_path / "r")(x).logits - a).norm() / a.norm()
+        err_plain = (load_fake_quant_model(tmp_path / "p")(x).logits - a).norm() / a.norm()
+    assert 0 < err_rot < 1.5 * err_plain, (err_rot, err_plain)

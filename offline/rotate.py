@@ -1,0 +1,59 @@
+"""Rotation of the residual stream (weights only, no runtime cost), the other outlier pipeline.
+
+RMSNorm weights are first fused into the linears that read the norm's output, leaving unit norms;
+an RMSNorm with unit weight commutes with any orthogonal Q (it only divides by the RMS, which Q
+keeps). Then every weight that writes the residual stream (embedding, o_proj, down_proj) is
+multiplied by Q on its output side and every weight that reads it (q/k/v, gate/up, lm_head) by Q
+on its input side, so the model computes the same function on a rotated residual stream whose
+outliers are spread over all channels. Q is a random orthogonal matrix (fixed seed): hidden sizes
+such as 1536 have no plain Hadamard matrix.
+"""
+
+import torch
+
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+           "mlp.up_proj")
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))[None, :]  # a Haar-random orthogonal matrix
+
+
+@torch.no_grad()
+def _fuse_norm(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
+    g = norm.weight.double()
+    for lin in readers:
+        lin.weight.copy_((lin.weight.double() * g[None, :]).to(lin.weight.dtype))
+    norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_model(model, seed: int = 0) -> None:
+    """Fuse the norms and rotate the residual stream of a Llama/Qwen-style model in place. Ties
+    between the embedding and lm_head are broken (the lm_head takes the final norm)."""
+    inner = model.model
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = torch.nn.Parameter(inner.embed_tokens.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    for layer in inner.layers:
+        _fuse_norm(layer.input_layernorm, [layer.get_submodule(n) for n in READERS[:3]])
+        _fuse_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in READERS[3:]])
+    _fuse_norm(inner.norm, [model.lm_head])
+    q = random_orthogonal(model.config.hidden_size, seed)
+
+    def right(w):  # x -> x Q on the input side of a reader: W <- W Q
+        w.copy_((w.double() @ q).to(w.dtype))
+
+    right(inner.embed_tokens.weight)  # the embedding writes rows of the residual stream
+    for layer in inner.layers:
+        for name in READERS:
+            right(layer.get_submodule(name).weight)
+        for name in WRITERS:
+            lin = layer.get_submodule(name)
+            lin.weight.copy_((q.t() @ lin.weight.double()).to(lin.weight.dtype))
+            if lin.bias is not None:
+                right(lin.bias[None, :])
+    right(model.lm_head.weight)
