@@ -20,17 +20,19 @@ from offline.calibration import eval_windows, read_text  # noqa: E402
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
-# name -> (group_size, smooth, gptq); None for the unquantized model
+# name -> (group_size, smooth, gptq, rotate); None for the unquantized model
 METHODS = {
     "fp16": None,
-    "rtn_w4a8/128": (128, False, False),
-    "rtn_w4a8/-1": (-1, False, False),
-    "qqq_w4a8/128": (128, True, True),
-    "qqq_w4a8/-1": (-1, True, True),
-    "gptq_w4a8/128": (128, False, True),
-    "smooth_w4a8/128": (128, True, False),
-    "gptq_w4a8/-1": (-1, False, True),
-    "smooth_w4a8/-1": (-1, True, False),
+    "rtn_w4a8/128": (128, False, False, False),
+    "rtn_w4a8/-1": (-1, False, False, False),
+    "qqq_w4a8/128": (128, True, True, False),
+    "gptq_w4a8/128": (128, False, True, False),
+    "smooth_w4a8/128": (128, True, False, False),
+    "qqq_rot_w4a8/128": (128, False, True, True),
+    "qqq_w4a8/-1": (-1, True, True, False),
+    "gptq_w4a8/-1": (-1, False, True, False),
+    "smooth_w4a8/-1": (-1, True, False, False),
+    "qqq_rot_w4a8/-1": (-1, False, True, True),
 }
 
 
@@ -70,12 +72,13 @@ def main():
         if spec is None:
             target, group = model_dir, None
         else:
-            group, smooth, gptq = spec
+            group, smooth, gptq, rotate = spec
             target = args.cache / "study" / name.replace("/", "_g")
             if target.exists():
                 shutil.rmtree(target)
             quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
-                           nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+                           nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                           rotate=rotate)
         ppl = perplexity(load_model(target), windows)
         rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                      "method": name.split("/")[0], "group_size": group, "ppl": ppl,
