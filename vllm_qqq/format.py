@@ -125,13 +125,16 @@ class QQQWeight:
     group: torch.Tensor | None  # float16 [K/G, N], None for per-channel
     group_size: int
 
+    def group_products(self) -> torch.Tensor:
+        """round((code - 8) * s_group) as float32 [K, N], before saturation (per-group only)."""
+        g = self.group.float().repeat_interleave(self.group_size, dim=0)
+        return torch.round((self.codes.float() - 8.0) * g)  # exact: 4-bit int times an fp16
+
     def int8_weight(self) -> torch.Tensor:
         """The int8 [K, N] matrix the GEMM multiplies with (docs/FORMAT.md, 'Weight value')."""
         if self.group_size == -1:
             return self.codes.clone()
-        g = self.group.float().repeat_interleave(self.group_size, dim=0)
-        prod = (self.codes.float() - 8.0) * g  # exact in fp32: 4-bit int times an fp16 value
-        return torch.round(prod).clamp(-128, 127).to(torch.int8)
+        return self.group_products().clamp(-128, 127).to(torch.int8)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [K, N] weight that the quantized layer computes with."""

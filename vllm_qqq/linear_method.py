@@ -8,12 +8,11 @@ PyTorch reference on an int8 copy of the weight.
 
 import torch
 from torch.nn import Parameter
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (LinearMethodBase,
                                                register_weight_loader_v2_supported_method)
 from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
                                            GroupQuantScaleParameter, PackedvLLMParameter)
-
-from vllm.logger import init_logger
 
 from vllm_qqq import ops
 from vllm_qqq.format import N_BLOCK, PACK, TILE, FormatError, check_shape, unpack
@@ -107,8 +106,8 @@ class QQQLinearMethod(LinearMethodBase):
                 raise FormatError(f"layer '{layer.prefix}': s_group must be finite, positive and "
                                   f"at most {_MAX_GROUP_SCALE:.3f} (corrupt checkpoint?)")
             # (code - 8) * s_group must round into int8 (docs/FORMAT.md, 'Weight value').
-            prod = (w.codes.float() - 8) * g.repeat_interleave(group_size, dim=0)
-            if torch.round(prod).min() < -128 or torch.round(prod).max() > 127:
+            w8 = w.group_products()
+            if w8.min() < -128 or w8.max() > 127:
                 raise FormatError(f"layer '{layer.prefix}': (code - 8) * s_group leaves the int8 "
                                   f"range (corrupt checkpoint?)")
         for name in ("B", "s_channel", "s_group"):
