@@ -38,10 +38,8 @@ def setup_fp16(k, n):
 
 def setup_qqq(g):
     def setup(k, n):
-        from offline.grid import Grid
-        w = torch.randn(n, k, device=DEV) / k**0.5
-        grid = Grid(w, g)
-        t = ops.prepare_weight(grid.to_weight(grid.codes(w, 0)))
+        from offline.grid import rtn
+        t = ops.prepare_weight(rtn(torch.randn(n, k, device=DEV) / k**0.5, g))
         ws = ops.workspace(DEV, n)
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         return (lambda x: ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws),
@@ -53,7 +51,7 @@ def setup_qqq_gemm_only(k, n):
     """Our GEMM alone on pre-quantized activations: how much of qqq_channel is quantization."""
     from offline.grid import rtn
     w = rtn(torch.randn(n, k, device=DEV) / k**0.5, -1)
-    t = {name: v.to(DEV) for name, v in ops.prepare_weight(w).items()}
+    t = ops.prepare_weight(w)
     ws = ops.workspace(DEV, n)
     cache = {}
 
