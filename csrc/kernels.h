@@ -1,6 +1,7 @@
 // Host entry points of the QQQ kernels (raw pointers; the Python side owns the tensors).
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -20,5 +21,12 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, cudaStream_t stream);
+
+// The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M > 64 on sm_90.
+void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
+                     int k, cudaStream_t stream);
+// Off: M > 64 runs the mma.sync kernel on sm_90 too (for tests and side-by-side benchmarks).
+void set_wgmma_enabled(bool on);
 
 }  // namespace qqq

@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "decode.cuh"
 #include "kernels.h"
 
 namespace qqq {
@@ -38,38 +39,6 @@ struct Tile {
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + S_BYTES;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 };
-
-// Per-group decode of one word (8 codes of one column) into the two int8 B fragments.
-__device__ __forceinline__ void decode_group(uint32_t w, uint32_t s2, uint32_t& b0, uint32_t& b1) {
-  constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kExp = 0x64006400;  // 1024 + x
-  const uint32_t sh = w >> 8;
-  uint32_t lo02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kLo, kExp);  // bytes 0, 2: low nibble
-  uint32_t lo13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kLo, kExp);
-  uint32_t hi02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kHi, kExp);  // 1024 + 16 * high nibble
-  uint32_t hi13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kHi, kExp);
-  const half2 k1032 = __half2half2(__ushort_as_half(0x6408));   // 1024 + 8
-  const half2 kSixteenth = __half2half2(__ushort_as_half(0x2c00));  // 1 / 16
-  const half2 kMinus72 = __half2half2(__ushort_as_half(0xd480));    // -(64 + 8)
-  const half2 k1152 = __half2half2(__ushort_as_half(0x6480));       // 1024 + 128
-  const half2 s = *reinterpret_cast<const half2*>(&s2);
-  auto& h_lo02 = *reinterpret_cast<half2*>(&lo02);
-  auto& h_lo13 = *reinterpret_cast<half2*>(&lo13);
-  auto& h_hi02 = *reinterpret_cast<half2*>(&hi02);
-  auto& h_hi13 = *reinterpret_cast<half2*>(&hi13);
-  // code - 8, exactly
-  h_lo02 = __hsub2(h_lo02, k1032);
-  h_lo13 = __hsub2(h_lo13, k1032);
-  h_hi02 = __hfma2(h_hi02, kSixteenth, kMinus72);
-  h_hi13 = __hfma2(h_hi13, kSixteenth, kMinus72);
-  // 1152 + round((code - 8) * s): one rounding at unit spacing in [1024, 2048)
-  h_lo02 = __hfma2(h_lo02, s, k1152);
-  h_lo13 = __hfma2(h_lo13, s, k1152);
-  h_hi02 = __hfma2(h_hi02, s, k1152);
-  h_hi13 = __hfma2(h_hi13, s, k1152);
-  // low byte of each half is 128 + value: gather in k order, flip the top bit to get int8
-  b0 = prmt(hi02, hi13, 0x6240) ^ 0x80808080u;
-  b1 = prmt(lo02, lo13, 0x6240) ^ 0x80808080u;
-}
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -176,8 +145,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if constexpr (GROUPED) {
           decode_group(w, s2[j], b0, b1);
         } else {
-          b0 = w & 0xf0f0f0f0u;         // high nibbles: code * 16 as int8
-          b1 = (w << 4) & 0xf0f0f0f0u;  // low nibbles
+          decode_channel(w, b0, b1);
         }
 #pragma unroll
         for (int i = 0; i < MT; i++) mma_s8(acc[i][j], af[i], b0, b1);
@@ -253,6 +221,21 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
       }
   if (tid == 0) ws_count[tile] = 0;
+}
+
+static bool wgmma_enabled = true;
+void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
+
+// wgmma needs sm_90a code, built only for compute capability 9.0 (the H100/H200).
+static bool has_wgmma() {
+  static const bool yes = [] {
+    int dev = 0, major = 0, minor = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cc");
+    return major == 9 && minor == 0;
+  }();
+  return yes;
 }
 
 static int sm_count() {
@@ -342,6 +325,10 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   }
   if (m == 0) return;
   const half* g = static_cast<const half*>(group);
+  if (m > kSplitMaxM && wgmma_enabled && has_wgmma()) {
+    w4a8_gemm_wgmma(a, a_scale, b, scale, g, bias, out, out_dtype, m, n, k, stream);
+    return;
+  }
   if (out_dtype == kFloat16) {
     dispatch<half>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
   } else if (out_dtype == kBFloat16) {

@@ -27,7 +27,8 @@ for step in "$@"; do
         | tee "$out/sanitizer.log" | tail -8 || status=1
       ;;
     bench)
-      python3 benchmarks/bench_gemm.py --impls qqq_channel,qqq_g128,qqq_gemm_only,fp16,w8a8_cutlass \
+      python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
+        --impls qqq_channel,qqq_g128,qqq_channel_mma,fp16,w8a8_cutlass,cutlass_w4a8_fp8 \
         --json "$out/gemm_quick.json" 2>&1 | tee "$out/bench_quick.log" | tail -45
       ;;
     bench-all)

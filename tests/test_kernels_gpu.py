@@ -13,7 +13,8 @@ from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-M_ALL = [1, 2, 7, 16, 33, 64, 128, 257, 1024, 4096]
+# 65, 128 and 200, 257: the wgmma kernel's two token tiles (128, 256) full and partial.
+M_ALL = [1, 2, 7, 16, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
@@ -66,6 +67,23 @@ def test_quant_kernel_bit_identical(m, k, dtype):
 @pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("shape,m", CASES)
 def test_gemm_matches_reference(shape, m, g):
+    check_gemm(shape, m, g)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("shape,m", [("small_partial_n", 65), ("llama3_down", 257),
+                                     ("qwen_qkv", 1024)])
+def test_mma_kernel_above_64_matches_reference(shape, m, g):
+    """With wgmma switched off (as on sm_80), M > 64 runs the mma.sync kernel: still exact."""
+    from vllm_qqq import _C
+    _C.set_wgmma(False)
+    try:
+        check_gemm(shape, m, g)
+    finally:
+        _C.set_wgmma(True)
+
+
+def check_gemm(shape, m, g):
     k, n = SHAPES[shape]
     t = make_layer(k, n, g, seed=m * 7 + k + n)
     ws = ops.workspace("cuda", n)

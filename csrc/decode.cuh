@@ -1,0 +1,48 @@
+// Decoding one weight word of the kernel layout (vllm_qqq/ops.py: 8 int4 codes of one output
+// channel, k32 step) into the two int8 fragments b0 (k = 4 t .. 4 t + 3) and b1 (k = 16 + 4 t ..)
+// of mma.m16n8k32, t = lane % 4.
+#pragma once
+
+#include "common.cuh"
+
+namespace qqq {
+
+// Per-channel: the codes are read as code * 16 (the channel scale carries the 1/16).
+__device__ __forceinline__ void decode_channel(uint32_t w, uint32_t& b0, uint32_t& b1) {
+  b0 = w & 0xf0f0f0f0u;         // high nibbles
+  b1 = (w << 4) & 0xf0f0f0f0u;  // low nibbles
+}
+
+// Per-group decode of one word (8 codes of one column) into the two int8 B fragments.
+__device__ __forceinline__ void decode_group(uint32_t w, uint32_t s2, uint32_t& b0, uint32_t& b1) {
+  constexpr uint32_t kLo = 0x000f000f, kHi = 0x00f000f0, kExp = 0x64006400;  // 1024 + x
+  const uint32_t sh = w >> 8;
+  uint32_t lo02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kLo, kExp);  // bytes 0, 2: low nibble
+  uint32_t lo13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kLo, kExp);
+  uint32_t hi02 = lop3<(0xf0 & 0xcc) | 0xaa>(w, kHi, kExp);  // 1024 + 16 * high nibble
+  uint32_t hi13 = lop3<(0xf0 & 0xcc) | 0xaa>(sh, kHi, kExp);
+  const half2 k1032 = __half2half2(__ushort_as_half(0x6408));   // 1024 + 8
+  const half2 kSixteenth = __half2half2(__ushort_as_half(0x2c00));  // 1 / 16
+  const half2 kMinus72 = __half2half2(__ushort_as_half(0xd480));    // -(64 + 8)
+  const half2 k1152 = __half2half2(__ushort_as_half(0x6480));       // 1024 + 128
+  const half2 s = *reinterpret_cast<const half2*>(&s2);
+  auto& h_lo02 = *reinterpret_cast<half2*>(&lo02);
+  auto& h_lo13 = *reinterpret_cast<half2*>(&lo13);
+  auto& h_hi02 = *reinterpret_cast<half2*>(&hi02);
+  auto& h_hi13 = *reinterpret_cast<half2*>(&hi13);
+  // code - 8, exactly
+  h_lo02 = __hsub2(h_lo02, k1032);
+  h_lo13 = __hsub2(h_lo13, k1032);
+  h_hi02 = __hfma2(h_hi02, kSixteenth, kMinus72);
+  h_hi13 = __hfma2(h_hi13, kSixteenth, kMinus72);
+  // 1152 + round((code - 8) * s): one rounding at unit spacing in [1024, 2048)
+  h_lo02 = __hfma2(h_lo02, s, k1152);
+  h_lo13 = __hfma2(h_lo13, s, k1152);
+  h_hi02 = __hfma2(h_hi02, s, k1152);
+  h_hi13 = __hfma2(h_hi13, s, k1152);
+  // low byte of each half is 128 + value: gather in k order, flip the top bit to get int8
+  b0 = prmt(hi02, hi13, 0x6240) ^ 0x80808080u;
+  b1 = prmt(lo02, lo13, 0x6240) ^ 0x80808080u;
+}
+
+}  // namespace qqq
