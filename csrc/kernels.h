@@ -23,10 +23,11 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                int* workspace, int64_t workspace_entries, cudaStream_t stream);
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M > 64 on sm_90.
-void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
-                     int k, cudaStream_t stream);
-// Off: M > 64 runs the mma.sync kernel on sm_90 too (for tests and side-by-side benchmarks).
-void set_wgmma_enabled(bool on);
+// mode: 1, 2, 3 = how the decoded weights reach wgmma (w4a8_gemm_sm90.cu).
+void w4a8_gemm_wgmma(int mode, const int8_t* a, const float* a_scale, const uint32_t* b,
+                     const float* scale, const half* group, const void* bias, void* out,
+                     int out_dtype, int m, int n, int k, cudaStream_t stream);
+// 0: M > 64 runs the mma.sync kernel on sm_90 too; 1-3: the wgmma variant (tests, benchmarks).
+void set_wgmma_mode(int mode);
 
 }  // namespace qqq

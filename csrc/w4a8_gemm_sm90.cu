@@ -20,9 +20,14 @@ namespace qqq {
 namespace sm90 {
 
 constexpr int kBK = 128;
-constexpr int kStages = 4;
+// How the decoded weights reach wgmma (being measured against each other):
+// kRegs: A from registers, each stage's wgmma waited for before the next stage is decoded;
+// kRegsPipelined: the same with one stage in flight (ptxas serializes the wgmmas: C7513);
+// kSmemA: the decoded weights written to shared memory, A and B both by descriptor, one stage
+// in flight.
+constexpr int kRegs = 1, kRegsPipelined = 2, kSmemA = 3;
 
-template <int WGS, int BM>
+template <int WGS, int BM, int MODE>
 struct Tile {
   static constexpr int kThreads = WGS * 128;
   static constexpr int BN = WGS * 64;  // output channels per CTA
@@ -31,19 +36,24 @@ struct Tile {
   static constexpr int S_BYTES = BN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
+  // 4 stages (2 in flight ahead) keep two 128-token CTAs per SM; one 256-token CTA gets 5.
+  static constexpr int STAGES = (BM == 128 || MODE == kSmemA) ? 4 : 5;
+  // kSmemA: each warpgroup's decoded int8 weights, 64 rows x 128 k, double-buffered.
+  static constexpr int A_BYTES = MODE == kSmemA ? WGS * 2 * 64 * kBK : 0;
+  static constexpr int MIN_CTAS = (BM == 128 && MODE != kSmemA) ? 2 : 1;
   static constexpr int OUT_PITCH = BN + 8;  // staged output row, in elements: conflict-free writes
-  static constexpr int SMEM_BYTES = kStages * STAGE_BYTES + 1024;
-  static_assert(BM * OUT_PITCH * 2 <= kStages * STAGE_BYTES, "output tile fits the pipeline");
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
+  static_assert(BM * OUT_PITCH * 2 <= STAGES * STAGE_BYTES, "output tile fits the pipeline");
 };
 
-template <typename Out, int WGS, int BM, bool GROUPED>
-__global__ void __launch_bounds__(WGS * 128, BM == 128 ? 2 : 1)
+template <typename Out, int WGS, int BM, bool GROUPED, int MODE>
+__global__ void __launch_bounds__(WGS * 128, Tile<WGS, BM, MODE>::MIN_CTAS)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
                            Out* __restrict__ out, int m, int n, int k) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<WGS, BM>;
+  using T = Tile<WGS, BM, MODE>;
   constexpr int kThreads = T::kThreads, BN = T::BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -89,26 +99,32 @@ __global__ void __launch_bounds__(WGS * 128, BM == 128 ? 2 : 1)
     }
   };
 
-  int acc[BM / 2];
-#pragma unroll
-  for (int i = 0; i < BM / 2; i++) acc[i] = 0;
+  int acc[BM / 2];  // set by the first wgmma (accumulate = false); K >= 128 is checked
 
+  // Stage it + STAGES - 2 is loaded at iteration it into the slot of stage it - 2: every
+  // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
+  // wgmma of it - 1 may still run as this iteration decodes.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; s++) {
+  for (int s = 0; s < T::STAGES - 2; s++) {
     if (s < iters) load_stage(s, s);
     cp_async_commit();
   }
 
   // This warp's 16 rows are the n8 tiles tile0 and tile0 + 1 of the CTA's BN channels.
   const int tile0 = (warp / 4) * 8 + (warp % 4) * 2;
-  for (int it = 0; it < iters; it++) {
-    cp_async_wait<kStages - 2>();
+  // A fragments, double-buffered: the registers of one stage stay untouched until its wgmma
+  // is known complete (wgmma reads them asynchronously).
+  uint32_t af[2][kBK / 32][4];
+  auto step = [&](int it, uint32_t(&cur)[kBK / 32][4], uint32_t(&prev)[kBK / 32][4]) {
+    cp_async_wait<T::STAGES - 3>();
     fence_proxy_async();
     __syncthreads();
-    if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, it + kStages - 1);
+    if (it + T::STAGES - 2 < iters) {
+      load_stage((it + T::STAGES - 2) % T::STAGES, it + T::STAGES - 2);
+    }
     cp_async_commit();
 
-    const int s = it % kStages;
+    const int s = it % T::STAGES;
     const uint32_t* sw = stage_w(s);
     uint32_t s_lo = 0, s_hi = 0;
     if constexpr (GROUPED) {
@@ -116,33 +132,75 @@ __global__ void __launch_bounds__(WGS * 128, BM == 128 ? 2 : 1)
       s_hi = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4])) *
              0x10001u;
     }
-    uint32_t af[kBK / 32][4];
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint32_t w_lo = sw[ks * BN * 4 + tile0 * 32 + lane];
       const uint32_t w_hi = sw[ks * BN * 4 + tile0 * 32 + 32 + lane];
       if constexpr (GROUPED) {
-        decode_group(w_lo, s_lo, af[ks][0], af[ks][2]);
-        decode_group(w_hi, s_hi, af[ks][1], af[ks][3]);
+        decode_group(w_lo, s_lo, cur[ks][0], cur[ks][2]);
+        decode_group(w_hi, s_hi, cur[ks][1], cur[ks][3]);
       } else {
-        decode_channel(w_lo, af[ks][0], af[ks][2]);
-        decode_channel(w_hi, af[ks][1], af[ks][3]);
+        decode_channel(w_lo, cur[ks][0], cur[ks][2]);
+        decode_channel(w_hi, cur[ks][1], cur[ks][3]);
       }
     }
     const uint32_t x_base = smem_addr(stage_x(s));
+    if constexpr (MODE == kSmemA) {
+      // This warpgroup's A buffer for this stage parity, same 128B swizzle as the activations.
+      uint8_t* sa = smem + T::STAGES * T::STAGE_BYTES + ((warp / 4) * 2 + (it & 1)) * 64 * kBK;
+      const int row = (warp % 4) * 16 + lane / 4;  // and row + 8; row % 8 == lane / 4
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ks++)
+#pragma unroll
+        for (int half_k = 0; half_k < 2; half_k++) {
+          const int off = ((2 * ks + half_k) ^ (lane / 4)) * 16 + (lane % 4) * 4;
+          *reinterpret_cast<uint32_t*>(sa + row * kBK + off) = cur[ks][2 * half_k];
+          *reinterpret_cast<uint32_t*>(sa + (row + 8) * kBK + off) = cur[ks][2 * half_k + 1];
+        }
+      fence_proxy_async();
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warp / 4) : "memory");  // this warpgroup
+      const uint32_t a_base = smem_addr(sa);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ks++) {
+        const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
+        const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
+        if constexpr (BM == 128) {
+          wgmma_m64n128k32_ss(acc, da, db, it > 0 || ks > 0);
+        } else {
+          wgmma_m64n256k32_ss(acc, da, db, it > 0 || ks > 0);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
+      (void)prev;
+      return;
+    }
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       if constexpr (BM == 128) {
-        wgmma_m64n128k32(acc, af[ks], wgmma_desc_sw128(x_base + ks * 32));
+        wgmma_m64n128k32(acc, cur[ks], wgmma_desc_sw128(x_base + ks * 32), it > 0 || ks > 0);
       } else {
-        wgmma_m64n256k32(acc, af[ks], wgmma_desc_sw128(x_base + ks * 32));
+        wgmma_m64n256k32(acc, cur[ks], wgmma_desc_sw128(x_base + ks * 32), it > 0 || ks > 0);
       }
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    pin_registers(acc);
+    if constexpr (MODE == kRegs) {
+      wgmma_wait<0>();
+      pin_registers(acc);
+    } else {
+      wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ks++) pin_registers(prev[ks]);
+    }
+  };
+  for (int it = 0; it < iters; it += 2) {
+    step(it, af[0], af[1]);
+    if (it + 1 < iters) step(it + 1, af[1], af[0]);
   }
+  wgmma_wait<0>();
+  pin_registers(acc);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -191,12 +249,12 @@ static void allow_smem() {
   (void)done;
 }
 
-template <typename Out, int WGS, int BM, bool GROUPED>
+template <typename Out, int WGS, int BM, bool GROUPED, int MODE>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    cudaStream_t stream) {
-  using T = Tile<WGS, BM>;
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, WGS, BM, GROUPED>;
+  using T = Tile<WGS, BM, MODE>;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, WGS, BM, GROUPED, MODE>;
   allow_smem<kernel, T::SMEM_BYTES>();
   dim3 grid((n + T::BN - 1) / T::BN, (m + BM - 1) / BM);
   kernel<<<grid, T::kThreads, T::SMEM_BYTES, stream>>>(a, a_scale, b, scale, group,
@@ -205,34 +263,50 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
   check_cuda(cudaGetLastError(), "w4a8_gemm_wgmma launch");
 }
 
-template <typename Out, bool GROUPED>
+template <typename Out, bool GROUPED, int MODE>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      cudaStream_t stream) {
   if (m <= 128) {
-    launch<Out, 2, 128, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+    launch<Out, 2, 128, GROUPED, MODE>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
   } else {
-    launch<Out, 2, 256, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+    launch<Out, 2, 256, GROUPED, MODE>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+  }
+}
+
+template <typename Out, bool GROUPED>
+static void dispatch_mode(int mode, const int8_t* a, const float* a_scale, const uint32_t* b,
+                          const float* scale, const half* group, const void* bias, void* out,
+                          int m, int n, int k, cudaStream_t stream) {
+  if (mode == kRegs) {
+    dispatch<Out, GROUPED, kRegs>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+  } else if (mode == kRegsPipelined) {
+    dispatch<Out, GROUPED, kRegsPipelined>(a, a_scale, b, scale, group, bias, out, m, n, k,
+                                           stream);
+  } else {
+    dispatch<Out, GROUPED, kSmemA>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
   }
 }
 
 }  // namespace sm90
 
-void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
-                     int k, cudaStream_t stream) {
+void w4a8_gemm_wgmma(int mode, const int8_t* a, const float* a_scale, const uint32_t* b,
+                     const float* scale, const half* group, const void* bias, void* out,
+                     int out_dtype, int m, int n, int k, cudaStream_t stream) {
   if (out_dtype == kFloat16) {
     if (group != nullptr) {
-      sm90::dispatch<half, true>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+      sm90::dispatch_mode<half, true>(mode, a, a_scale, b, scale, group, bias, out, m, n, k, stream);
     } else {
-      sm90::dispatch<half, false>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+      sm90::dispatch_mode<half, false>(mode, a, a_scale, b, scale, group, bias, out, m, n, k,
+                                       stream);
     }
   } else {
     if (group != nullptr) {
-      sm90::dispatch<__nv_bfloat16, true>(a, a_scale, b, scale, group, bias, out, m, n, k, stream);
+      sm90::dispatch_mode<__nv_bfloat16, true>(mode, a, a_scale, b, scale, group, bias, out, m, n,
+                                               k, stream);
     } else {
-      sm90::dispatch<__nv_bfloat16, false>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                           stream);
+      sm90::dispatch_mode<__nv_bfloat16, false>(mode, a, a_scale, b, scale, group, bias, out, m,
+                                                n, k, stream);
     }
   }
 }

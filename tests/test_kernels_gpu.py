@@ -70,17 +70,19 @@ def test_gemm_matches_reference(shape, m, g):
     check_gemm(shape, m, g)
 
 
+@pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("shape,m", [("small_partial_n", 65), ("llama3_down", 257),
                                      ("qwen_qkv", 1024)])
-def test_mma_kernel_above_64_matches_reference(shape, m, g):
-    """With wgmma switched off (as on sm_80), M > 64 runs the mma.sync kernel: still exact."""
+def test_other_kernels_above_64_match_reference(shape, m, g, mode):
+    """The M > 64 kernels that are not the default: mode 0 is the mma.sync kernel (what sm_80
+    runs), 1 and 2 the other wgmma variants (w4a8_gemm_sm90.cu). All exact."""
     from vllm_qqq import _C
-    _C.set_wgmma(False)
+    _C.set_wgmma(mode)
     try:
         check_gemm(shape, m, g)
     finally:
-        _C.set_wgmma(True)
+        _C.set_wgmma(3)
 
 
 def check_gemm(shape, m, g):
