@@ -47,20 +47,18 @@ def setup_qqq(g):
     return setup
 
 
-def setup_qqq_mode(mode):
-    """Per-channel with the M > 64 kernel forced: 0 mma.sync, 1-3 the wgmma variants."""
-    def setup(k, n):
-        from vllm_qqq import _C
-        f, nbytes = setup_qqq(-1)(k, n)
+def setup_qqq_mma(k, n):
+    """Per-channel with the mma.sync kernel at every M (the Hopper wgmma kernel switched off)."""
+    from vllm_qqq import _C
+    f, nbytes = setup_qqq(-1)(k, n)
 
-        def g(x):
-            _C.set_wgmma(mode)  # chosen on the host, so this holds in captured graphs
-            try:
-                return f(x)
-            finally:
-                _C.set_wgmma(3)
-        return g, nbytes
-    return setup
+    def g(x):
+        _C.set_wgmma(False)  # the kernel is chosen on the host, so this holds in captured graphs
+        try:
+            return f(x)
+        finally:
+            _C.set_wgmma(True)
+    return g, nbytes
 
 
 def setup_qqq_gemm_only(k, n):
@@ -149,9 +147,7 @@ IMPLS = {
     "qqq_channel": setup_qqq(-1),
     "qqq_g128": setup_qqq(128),
     "qqq_gemm_only": setup_qqq_gemm_only,
-    "qqq_channel_mma": setup_qqq_mode(0),
-    "qqq_channel_wg1": setup_qqq_mode(1),
-    "qqq_channel_wg2": setup_qqq_mode(2),
+    "qqq_channel_mma": setup_qqq_mma,
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

@@ -22,12 +22,22 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, cudaStream_t stream);
 
+// Split K in the Hopper kernel: up to 4 splits, for M <= 256 and N <= 8192 (few output tiles);
+// their int32 partial tiles take 4 * 256 * N workspace entries after the mma.sync kernel's.
+constexpr int kWgmmaMaxSplits = 4;
+inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
+// int32 entries the GEMM's workspace needs for N (vllm_qqq/ops.py workspace_size agrees):
+// the mma.sync kernel's split-K sums (64 x N), one counter per tile, the wgmma partial tiles.
+inline int64_t workspace_entries_needed(int n) {
+  return 64LL * n + (n + 127) / 128 * 4 + (n <= 8192 ? 4LL * 256 * n : 0);
+}
+
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M > 64 on sm_90.
-// mode: 1, 2, 3 = how the decoded weights reach wgmma (w4a8_gemm_sm90.cu).
-void w4a8_gemm_wgmma(int mode, const int8_t* a, const float* a_scale, const uint32_t* b,
-                     const float* scale, const half* group, const void* bias, void* out,
-                     int out_dtype, int m, int n, int k, cudaStream_t stream);
-// 0: M > 64 runs the mma.sync kernel on sm_90 too; 1-3: the wgmma variant (tests, benchmarks).
-void set_wgmma_mode(int mode);
+void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
+                     int k, int* ws_partial, int* ws_count, int sms, cudaStream_t stream);
+
+// Off: M > 64 runs the mma.sync kernel on sm_90 too (what sm_80 runs; tests, benchmarks).
+void set_wgmma_enabled(bool on);
 
 }  // namespace qqq

@@ -223,11 +223,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid == 0) ws_count[tile] = 0;
 }
 
-static int wgmma_mode = 3;
-void set_wgmma_mode(int mode) {
-  if (mode < 0 || mode > 3) throw std::invalid_argument("vllm_qqq: wgmma mode is 0..3");
-  wgmma_mode = mode;
-}
+static bool wgmma_enabled = true;
+void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 
 // wgmma needs sm_90a code, built only for compute capability 9.0 (the H100/H200).
 static bool has_wgmma() {
@@ -321,15 +318,17 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
   }
-  const int64_t need =
-      static_cast<int64_t>(kSplitMaxM) * n + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
-  if (workspace_entries < need) {
+  if (workspace_entries < workspace_entries_needed(n)) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }
   if (m == 0) return;
   const half* g = static_cast<const half*>(group);
-  if (m > kSplitMaxM && wgmma_mode != 0 && has_wgmma()) {
-    w4a8_gemm_wgmma(wgmma_mode, a, a_scale, b, scale, g, bias, out, out_dtype, m, n, k, stream);
+  if (m > kSplitMaxM && wgmma_enabled && has_wgmma()) {
+    static const int sms = sm_count();
+    int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
+    int* ws_partial = ws_count + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
+    w4a8_gemm_wgmma(a, a_scale, b, scale, g, bias, out, out_dtype, m, n, k, ws_partial, ws_count,
+                    sms, stream);
     return;
   }
   if (out_dtype == kFloat16) {

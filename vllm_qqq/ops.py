@@ -106,9 +106,11 @@ _workspaces: dict[torch.device, torch.Tensor] = {}
 
 
 def workspace_size(n: int) -> int:
-    """int32 entries: split-K accumulators for SPLITK_MAX_M rows, then one counter per tile."""
+    """int32 entries (csrc/kernels.h workspace_entries_needed): the mma.sync kernel's split-K
+    sums for SPLITK_MAX_M rows, one counter per tile, then for N <= 8192 the Hopper kernel's
+    split-K partial tiles (4 splits x 256 rows x N; 32 MiB at N = 8192)."""
     tiles = (n + 127) // 128 * (SPLITK_MAX_M // 16)
-    return SPLITK_MAX_M * n + tiles
+    return SPLITK_MAX_M * n + tiles + (4 * 256 * n if n <= 8192 else 0)
 
 
 def workspace(device: torch.device, n: int) -> torch.Tensor:
