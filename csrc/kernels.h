@@ -22,14 +22,16 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, cudaStream_t stream);
 
-// Split K in the Hopper kernel: up to 4 splits, for M <= 256 and N <= 8192 (few output tiles);
-// their int32 partial tiles take 4 * 256 * N workspace entries after the mma.sync kernel's.
+// The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees):
+// first a region the kernels keep zeroed (the mma.sync kernel's split-K sums for 64 rows and one
+// counter per tile), then, at the END of the buffer, the Hopper kernel's split-K partial tiles
+// (up to 4 splits x 256 rows x N, only for N <= 8192). Anchoring the partials at the end keeps
+// them clear of every layer's zeroed region when the buffer is sized max(zeroed) + max(partial).
 constexpr int kWgmmaMaxSplits = 4;
 inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
-// int32 entries the GEMM's workspace needs for N (vllm_qqq/ops.py workspace_size agrees):
-// the mma.sync kernel's split-K sums (64 x N), one counter per tile, the wgmma partial tiles.
-inline int64_t workspace_entries_needed(int n) {
-  return 64LL * n + (n + 127) / 128 * 4 + (n <= 8192 ? 4LL * 256 * n : 0);
+inline int64_t workspace_zeroed_entries(int n) { return 64LL * n + (n + 127) / 128 * 4; }
+inline int64_t workspace_partial_entries(int n) {
+  return n <= 8192 ? int64_t{kWgmmaMaxSplits} * 256 * n : 0;
 }
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M > 64 on sm_90.

@@ -318,7 +318,7 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
   }
-  if (workspace_entries < workspace_entries_needed(n)) {
+  if (workspace_entries < workspace_zeroed_entries(n) + workspace_partial_entries(n)) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }
   if (m == 0) return;
@@ -326,7 +326,7 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (m > kSplitMaxM && wgmma_enabled && has_wgmma()) {
     static const int sms = sm_count();
     int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
-    int* ws_partial = ws_count + (n + kBN - 1) / kBN * (kSplitMaxM / 16);
+    int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
     w4a8_gemm_wgmma(a, a_scale, b, scale, g, bias, out, out_dtype, m, n, k, ws_partial, ws_count,
                     sms, stream);
     return;

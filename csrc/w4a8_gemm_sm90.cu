@@ -227,8 +227,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (m0 + r >= m || n0 + c * 8 >= n) continue;
     int v[8];
     if (splits == 1) {
-#pragma unroll
-      for (int e = 0; e < 8; e++) v[e] = staged[r * T::ACC_PITCH + c * 8 + e];
+      const int4* p = reinterpret_cast<const int4*>(staged + r * T::ACC_PITCH + c * 8);
+      const int4 x0 = p[0], x1 = p[1];
+      v[0] = x0.x, v[1] = x0.y, v[2] = x0.z, v[3] = x0.w;
+      v[4] = x1.x, v[5] = x1.y, v[6] = x1.z, v[7] = x1.w;
     } else {
 #pragma unroll
       for (int e = 0; e < 8; e++) v[e] = 0;
@@ -240,15 +242,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     const float ts = a_scale[m0 + r];
+    const int ch0 = n0 + c * 8;
+    const float4 sc0 = *reinterpret_cast<const float4*>(scale + ch0);
+    const float4 sc1 = *reinterpret_cast<const float4*>(scale + ch0 + 4);
+    const float sc[8] = {sc0.x, sc0.y, sc0.z, sc0.w, sc1.x, sc1.y, sc1.z, sc1.w};
+    alignas(16) Out bi[8];
+    if (bias != nullptr) *reinterpret_cast<uint4*>(bi) = *reinterpret_cast<const uint4*>(bias + ch0);
     alignas(16) Out y[8];
 #pragma unroll
     for (int e = 0; e < 8; e++) {
-      const int ch = n0 + c * 8 + e;
-      float f = __fmul_rn(__fmul_rn(__int2float_rn(v[e]), ts), scale[ch]);
-      if (bias != nullptr) f = __fadd_rn(f, OutType<Out>::to_float(bias[ch]));
+      float f = __fmul_rn(__fmul_rn(__int2float_rn(v[e]), ts), sc[e]);
+      if (bias != nullptr) f = __fadd_rn(f, OutType<Out>::to_float(bi[e]));
       y[e] = OutType<Out>::from_float(f);
     }
-    *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * n + n0 + c * 8) =
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * n + ch0) =
         *reinterpret_cast<const uint4*>(y);
   }
 #endif

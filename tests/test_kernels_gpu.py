@@ -102,8 +102,9 @@ def check_gemm(shape, m, g):
         diff = (out.float() - ref.float()).abs()
         assert torch.equal(out, ref), (f"{dtype}: {int((diff > 0).sum())} of {out.numel()} differ, "
                                        f"max {diff.max().item()}")
-        n_zeroed = ops.SPLITK_MAX_M * n + (n + 127) // 128 * (ops.SPLITK_MAX_M // 16)
-        assert ws[:n_zeroed].eq(0).all(), "split-K sums and counters not restored to zero"
+        # The shared buffer's whole zeroed head (every earlier layer's region) must be zero again.
+        head = ops._workspaces[torch.device("cuda", torch.cuda.current_device())][1]
+        assert ws[:head].eq(0).all(), "split-K sums and counters not restored to zero"
         y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, bias)
         assert torch.equal(y, ref)
 
@@ -133,6 +134,21 @@ def test_cuda_graph_and_compile():
         assert torch.equal(compiled(x), f(x))
 
 
+def test_layers_of_different_n_share_the_workspace():
+    """Like a model's layers: one buffer, N = 4096 and 6144, alternating the Hopper split-K
+    (M = 128 writes partial tiles) and the mma.sync split-K (M = 1 needs its zeroed sums)."""
+    layers = [make_layer(4096, n, -1, seed=n) for n in (6144, 4096, 28672)]
+    for n in (6144, 4096, 28672):
+        ws = ops.workspace("cuda", n)
+    for _ in range(2):
+        for t in layers:
+            for m in (128, 1, 200, 16):
+                x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+                ref = reference(x, t, None)[0]
+                y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+                assert torch.equal(y, ref)
+
+
 def test_bad_inputs_are_errors():
     t = make_layer(256, 128, -1, seed=0)
     ws = ops.workspace("cuda", 128)
@@ -145,6 +161,10 @@ def test_bad_inputs_are_errors():
                            t["qqq_group"], ws, None, torch.float16)
     with pytest.raises(ValueError, match="workspace"):
         torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws[:10], None,
+                           torch.float16)
+    bias = torch.zeros(129, device="cuda", dtype=torch.float16)[1:]  # contiguous, misaligned
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, bias,
                            torch.float16)
     with pytest.raises(ValueError, match="one device"):
         torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"].cpu(), t["qqq_group"], ws, None,

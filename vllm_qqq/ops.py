@@ -102,25 +102,39 @@ def kernel_int8_weight(b: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return w.int8_weight()
 
 
-_workspaces: dict[torch.device, torch.Tensor] = {}
+# device -> (buffer, entries kept zeroed, entries for partial tiles at its end)
+_workspaces: dict[torch.device, tuple[torch.Tensor, int, int]] = {}
+
+
+def workspace_zeroed(n: int) -> int:
+    """int32 entries the kernels keep zeroed (csrc/kernels.h): the mma.sync kernel's split-K sums
+    for SPLITK_MAX_M rows, then one counter per tile."""
+    return SPLITK_MAX_M * n + (n + 127) // 128 * (SPLITK_MAX_M // 16)
+
+
+def workspace_partial(n: int) -> int:
+    """int32 entries at the end of the workspace for the Hopper kernel's split-K partial tiles:
+    4 splits x 256 rows x N for N <= 8192 (32 MiB at N = 8192), none above."""
+    return 4 * 256 * n if n <= 8192 else 0
 
 
 def workspace_size(n: int) -> int:
-    """int32 entries (csrc/kernels.h workspace_entries_needed): the mma.sync kernel's split-K
-    sums for SPLITK_MAX_M rows, one counter per tile, then for N <= 8192 the Hopper kernel's
-    split-K partial tiles (4 splits x 256 rows x N; 32 MiB at N = 8192)."""
-    tiles = (n + 127) // 128 * (SPLITK_MAX_M // 16)
-    return SPLITK_MAX_M * n + tiles + (4 * 256 * n if n <= 8192 else 0)
+    return workspace_zeroed(n) + workspace_partial(n)
 
 
 def workspace(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer shared by the layers on `device` (they run one after another on one
-    stream); the GEMM leaves it zeroed again. Allocated at load time, never inside a graph."""
+    """An int32 buffer shared by the layers on `device` (they run one after another on one
+    stream): its zeroed head covers every layer's zeroed region and its tail every layer's
+    partial tiles, so layers of different N never overlap. The GEMM leaves the head zeroed.
+    Allocated at load time, never inside a graph."""
     device = torch.device(device)
-    ws = _workspaces.get(device)
-    if ws is None or ws.numel() < workspace_size(n):
-        ws = torch.zeros(workspace_size(n), dtype=torch.int32, device=device)
-        _workspaces[device] = ws
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ws, zeroed, partial = _workspaces.get(device, (None, 0, 0))
+    if ws is None or workspace_zeroed(n) > zeroed or workspace_partial(n) > partial:
+        zeroed, partial = max(zeroed, workspace_zeroed(n)), max(partial, workspace_partial(n))
+        ws = torch.zeros(zeroed + partial, dtype=torch.int32, device=device)
+        _workspaces[device] = (ws, zeroed, partial)
     return ws
 
 
@@ -211,6 +225,9 @@ def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m,
     tensors = [a, a_scale, b, scale, workspace] + ([group] if group.numel() else []) + (
         [bias] if bias is not None else [])
     need(all(t.device == a.device for t in tensors), "all tensors must be on one device")
+    # The kernels move a, b, scale, group, bias and the workspace in 16-byte pieces.
+    need(all(t.data_ptr() % 16 == 0 for t in tensors if t is not a_scale),
+         "a, b, scale, group, bias and workspace must start 16-byte aligned")
 
 
 def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
