@@ -1,8 +1,10 @@
 """End-to-end vLLM throughput on the GPU: the same Llama-3-8B-shaped model (random weights) as
-FP16 and as QQQ (per-channel, g128) checkpoints made by our own quantizer, with vLLM's defaults
+FP16, as QQQ (per-channel, g128) checkpoints made by our own quantizer, and as the checkpoints
+vLLM loads natively for its W8A8-INT8 path (compressed-tensors, per-channel weights, dynamic
+per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with vLLM's defaults
 (torch.compile + CUDA graphs), side by side in one run.
 
-    python benchmarks/bench_e2e.py --workdir /tmp/e2e [--layers 8] [--formats fp16,qqq_channel,qqq_g128]
+    python benchmarks/bench_e2e.py --workdir /tmp/e2e [--layers 32] [--formats fp16,w8a8,w4a16,qqq_channel,qqq_g128]
 
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
 (b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127.
@@ -44,9 +46,94 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
     for name, g in (("qqq_channel", -1), ("qqq_g128", 128)):
         path = workdir / f"llama3-8b-shaped-{name}"
         if not path.exists():
-            quantize_model(fp16, path, g, calib=None)
+            quantize_model(fp16, path, g, calib=None, device="cuda")
+        out[name] = path
+    for name, convert in (("w8a8", _w8a8_tensors), ("w4a16", _w4a16_tensors)):
+        path = workdir / f"llama3-8b-shaped-{name}"
+        if not path.exists():
+            _convert(fp16, path, convert, QUANT_CONFIGS[name])
         out[name] = path
     return out
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANT_CONFIGS = {
+    "w8a8": {
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "quantization_status": "compressed", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                        "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                  "strategy": "token", "dynamic": True}}},
+    },
+    "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+              "sym": True},
+}
+
+
+def _w8a8_tensors(prefix, w):
+    """int8 weight [N, K] with a float32 scale per output channel (round to nearest)."""
+    import torch
+    scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
+    q = torch_round_clamp(w.float() / scale, -127, 127).to(torch.int8)
+    return {f"{prefix}.weight": q, f"{prefix}.weight_scale": scale}
+
+
+def _w4a16_tensors(prefix, w):
+    """GPTQ v1 layout, symmetric 4-bit, groups of 128: qweight int32 [K/8, N] (8 codes along K,
+    low nibble first), scales fp16 [K/128, N], qzeros int32 [K/128, N/8] holding 8 - 1, g_idx."""
+    import torch
+    n, k = w.shape
+    wt = w.float().t().reshape(k // 128, 128, n)
+    scale = (wt.abs().amax(dim=1, keepdim=True) / 7).clamp(min=1e-8)
+    codes = (torch_round_clamp(wt / scale, -8, 7) + 8).to(torch.int32).reshape(k, n)
+    shifts = (torch.arange(8, device=w.device, dtype=torch.int32) * 4).view(1, 8, 1)
+    qweight = (codes.view(k // 8, 8, n) << shifts).sum(dim=1, dtype=torch.int32)
+    qzeros = torch.full((k // 128, n // 8), 0x77777777, dtype=torch.int32, device=w.device)
+    g_idx = torch.arange(k, dtype=torch.int32, device=w.device) // 128
+    return {f"{prefix}.qweight": qweight, f"{prefix}.scales": scale.squeeze(1).half(),
+            f"{prefix}.qzeros": qzeros, f"{prefix}.g_idx": g_idx}
+
+
+def torch_round_clamp(x, lo, hi):
+    return x.round().clamp(lo, hi)
+
+
+def _convert(fp16: Path, out: Path, convert, quant_config):
+    """Rewrite each safetensors shard of the FP16 checkpoint with its linear weights converted."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map = {}
+    for shard in sorted(fp16.glob("*.safetensors")):
+        tensors = {}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with safe_open(shard, framework="pt", device=device) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                prefix = name[: -len(".weight")]
+                if name.endswith(".weight") and prefix.split(".")[-1] in LINEARS:
+                    tensors.update({k: v.contiguous().cpu() for k, v in convert(prefix, t).items()})
+                else:
+                    tensors[name] = t.cpu()
+        save_file(tensors, tmp / shard.name, metadata={"format": "pt"})
+        weight_map.update({name: shard.name for name in tensors})
+    config = json.loads((fp16 / "config.json").read_text())
+    config["quantization_config"] = quant_config
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    if (fp16 / "generation_config.json").exists():
+        shutil.copy(fp16 / "generation_config.json", tmp)
+    tmp.rename(out)
 
 
 def run_format(model: str, quantization: str | None, batches, eager: bool) -> dict:
@@ -96,7 +183,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/e2e"))
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--formats", default="fp16,qqq_channel,qqq_g128")
+    parser.add_argument("--formats", default="fp16,w8a8,w4a16,qqq_channel,qqq_g128")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
@@ -112,9 +199,11 @@ def main():
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = make_models(args.workdir, args.layers)
     report = {"device": device, "model": f"Llama-3-8B-shaped, {args.layers} layers, random "
-              "weights, RTN quantization by qqq-quantize", "rows": [], "weights_gib": {}}
+              "weights; QQQ by qqq-quantize (RTN), W8A8 compressed-tensors int8 (channel weights, "
+              "dynamic token activations), W4A16 GPTQ sym g128 (Marlin)", "rows": [],
+              "weights_gib": {}, "command": " ".join(sys.argv)}
     for fmt in args.formats.split(","):
-        quant = "qqq" if fmt.startswith("qqq") else "none"
+        quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
         env = dict(os.environ)
         cmd = [sys.executable, __file__, "--child", str(models[fmt]), quant,
                "--batches", args.batches] + (["--eager"] if args.eager else [])
@@ -132,6 +221,8 @@ def main():
             report["rows"].append({"format": fmt, **row})
         print(f"{fmt}: " + " ".join(f"b{r['batch']}={r['tokens_per_s']:.0f} tok/s"
                                     for r in result["rows"]), flush=True)
+        if args.json:  # after every format, so a cut-short run keeps what it measured
+            args.json.write_text(json.dumps(report, indent=1))
     base = {r["batch"]: r for r in report["rows"] if r["format"] == "fp16"}
     print("\n| format | batch | tokens/s | vs fp16 | decode ms/token |")
     for r in report["rows"]:

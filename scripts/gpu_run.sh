@@ -28,7 +28,7 @@ for step in "$@"; do
       ;;
     bench)
       python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
-        --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,qqq_channel_mma,fp16,w8a8_cutlass,cutlass_w4a8_fp8} \
+        --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,qqq_channel_mma,fp16,w8a8_cutlass,cutlass_w4a8_fp8} \
         --json "$out/gemm_quick.json" 2>&1 | tee "$out/bench_quick.log" | tail -45
       ;;
     bench-all)
@@ -42,7 +42,7 @@ for step in "$@"; do
         | tee "$out/test_vllm_gpu.log" | tail -15 || status=1
       ;;
     e2e)
-      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-8}" \
+      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
         --json "$out/e2e_h100.json" 2>&1 | tee "$out/bench_e2e.log" | tail -30
       ;;
     decode-diag)
