@@ -16,12 +16,14 @@ from vllm_qqq.reference import quantize_per_token, w4a8_linear
 class W4A8Linear(torch.nn.Module):
     """exact=True: the reference (int32-exact accumulation). exact=False: the same quantized
     values multiplied in fp32 (dequantized activations x dequantized weights), for speed in
-    perplexity runs; it differs only by fp32 rounding."""
+    perplexity runs; it differs only by fp32 rounding. quant_acts=False (with exact=False) leaves
+    the activations unquantized: the weight-only (W4A16) reference of the accuracy study."""
 
     def __init__(self, w_int8: torch.Tensor, channel: torch.Tensor, bias: torch.Tensor | None,
                  exact: bool = True):
         super().__init__()
         self.exact = exact
+        self.quant_acts = True
         self.register_buffer("w_int8", w_int8)
         self.register_buffer("channel", channel)
         self.register_buffer("bias", bias)
@@ -31,8 +33,11 @@ class W4A8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact:
             return w4a8_linear(x, self.w_int8, self.channel, self.bias, x.dtype)
-        q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
-        y = (q.float() * s) @ self.w_dq
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        if self.quant_acts:
+            q, s = quantize_per_token(x2)
+            x2 = q.float() * s
+        y = x2 @ self.w_dq
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)

@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from offline.calibration import eval_windows, read_text  # noqa: E402
+from offline.calibration import calibration_samples, eval_windows, read_text  # noqa: E402
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
@@ -33,6 +35,9 @@ METHODS = {
     "gptq_w4a8/-1": (-1, False, True, False),
     "smooth_w4a8/-1": (-1, True, False, False),
     "qqq_rot_w4a8/-1": (-1, False, True, True),
+    # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
+    "gptq_w4a16/128": "reference",
+    "smoothquant_w8a8/-1": "reference",
 }
 
 
@@ -69,7 +74,9 @@ def main():
     for name in args.methods.split(","):
         spec = METHODS[name]
         start = time.time()
-        if spec is None:
+        if spec == "reference":
+            model, group = reference_model(name, args, model_dir, calib), int(name.split("/")[1])
+        elif spec is None:
             target, group = model_dir, None
         else:
             group, smooth, gptq, rotate = spec
@@ -79,7 +86,9 @@ def main():
             quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                            nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
                            rotate=rotate)
-        ppl = perplexity(load_model(target), windows)
+        if spec != "reference":
+            model = load_model(target)
+        ppl = perplexity(model, windows)
         rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                      "method": name.split("/")[0], "group_size": group, "ppl": ppl,
                      "eval_tokens": int(windows.numel()),
@@ -87,6 +96,22 @@ def main():
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+
+def reference_model(name, args, model_dir, calib):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from offline.references import load_weight_only, smoothquant_w8a8
+    if name == "gptq_w4a16/128":  # the gptq_w4a8/128 checkpoint, activations unquantized
+        target = args.cache / "study" / "gptq_w4a8_g128"
+        if not target.exists():
+            quantize_model(model_dir, target, 128, calib=calib, smooth=False, gptq=True,
+                           nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+        return load_weight_only(target)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), read_text(calib),
+                                  args.nsamples, args.seqlen)
+    return smoothquant_w8a8(model, samples)
 
 
 if __name__ == "__main__":
