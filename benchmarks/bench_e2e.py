@@ -187,6 +187,8 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="make the checkpoints in --workdir and stop (for profile_decode.py)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -198,6 +200,9 @@ def main():
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = make_models(args.workdir, args.layers)
+    if args.prepare_only:
+        print("\n".join(f"{name}: {path}" for name, path in models.items()))
+        return
     report = {"device": device, "model": f"Llama-3-8B-shaped, {args.layers} layers, random "
               "weights; QQQ by qqq-quantize (RTN), W8A8 compressed-tensors int8 (channel weights, "
               "dynamic token activations), W4A16 GPTQ sym g128 (Marlin)", "rows": [],

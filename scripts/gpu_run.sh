@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
-#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm e2e
+#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm e2e profile
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +44,16 @@ for step in "$@"; do
     e2e)
       python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
         --json "$out/e2e_h100.json" 2>&1 | tee "$out/bench_e2e.log" | tail -30
+      ;;
+    profile)
+      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" --prepare-only
+      for fmt in fp16 qqq_channel; do
+        q=$([ $fmt = fp16 ] || echo "--quantization qqq")
+        for b in 1 16; do
+          python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q --batch $b \
+            --json "$out/profile_${fmt}_b$b.json" 2>&1 | grep -A26 "^decode step" | tee -a "$out/profile.log"
+        done
+      done
       ;;
     decode-diag)
       for mode in "" --eager; do
