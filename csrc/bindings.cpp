@@ -35,6 +35,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("scale"), py::arg("group"),
       py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"));
+  m.def("wgmma_available", &qqq::wgmma_available,
+        "Whether M > 64 can run the Hopper wgmma kernel on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),
         "Use the Hopper wgmma kernel for M > 64 where the GPU has it (the default).");
 }

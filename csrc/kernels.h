@@ -39,6 +39,9 @@ void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,
                      int k, int* ws_partial, int* ws_count, int sms, cudaStream_t stream);
 
+// True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
+bool wgmma_available();
+
 // Off: M > 64 runs the mma.sync kernel on sm_90 too (what sm_80 runs; tests, benchmarks).
 void set_wgmma_enabled(bool on);
 

@@ -226,18 +226,6 @@ __global__ void __launch_bounds__(kThreads, 2)
 static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 
-// wgmma needs sm_90a code, built only for compute capability 9.0 (the H100/H200).
-static bool has_wgmma() {
-  static const bool yes = [] {
-    int dev = 0, major = 0, minor = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cc");
-    return major == 9 && minor == 0;
-  }();
-  return yes;
-}
-
 static int sm_count() {
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -316,14 +304,18 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
-    throw std::invalid_argument("vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
+    throw std::invalid_argument(
+        "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
+  }
+  if (out_dtype != kFloat16 && out_dtype != kBFloat16) {
+    throw std::invalid_argument("vllm_qqq: w4a8_gemm writes fp16 or bf16");
   }
   if (workspace_entries < workspace_zeroed_entries(n) + workspace_partial_entries(n)) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }
   if (m == 0) return;
   const half* g = static_cast<const half*>(group);
-  if (m > kSplitMaxM && wgmma_enabled && has_wgmma()) {
+  if (m > kSplitMaxM && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();
     int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
     int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
@@ -333,10 +325,8 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   }
   if (out_dtype == kFloat16) {
     dispatch<half>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
-  } else if (out_dtype == kBFloat16) {
-    dispatch<__nv_bfloat16>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
   } else {
-    throw std::invalid_argument("vllm_qqq: w4a8_gemm writes fp16 or bf16");
+    dispatch<__nv_bfloat16>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
   }
 }
 

@@ -258,6 +258,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * n + ch0) =
         *reinterpret_cast<const uint4*>(y);
   }
+#else
+  __trap();  // not built for sm_90a: wgmma_available() keeps the host from launching this
 #endif
 }
 
@@ -304,6 +306,26 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
 }
 
 }  // namespace sm90
+
+bool wgmma_available() {
+  static const bool yes = [] {
+    int dev = 0, major = 0, minor = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cc");
+    if (major != 9 || minor != 0) return false;
+    // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
+    // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, false>) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attr.ptxVersion >= 90;
+  }();
+  return yes;
+}
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,

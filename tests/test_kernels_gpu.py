@@ -134,6 +134,15 @@ def test_cuda_graph_and_compile():
         assert torch.equal(compiled(x), f(x))
 
 
+def test_wgmma_kernel_is_used_on_hopper():
+    """On an H100/H200 build with sm_90a, M > 64 must reach the wgmma kernel (a wrong check would
+    silently fall back to the slower mma.sync kernel)."""
+    from vllm_qqq import _C
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("not compute capability 9.0")
+    assert _C.wgmma_available()
+
+
 def test_layers_of_different_n_share_the_workspace():
     """Like a model's layers: one buffer, N = 4096 and 6144, alternating the Hopper split-K
     (M = 128 writes partial tiles) and the mma.sync split-K (M = 1 needs its zeroed sums)."""
