@@ -7,6 +7,12 @@ multiplied by Q on its output side and every weight that reads it (q/k/v, gate/u
 on its input side, so the model computes the same function on a rotated residual stream whose
 outliers are spread over all channels. Q is a random orthogonal matrix (fixed seed): hidden sizes
 such as 1536 have no plain Hadamard matrix.
+
+Inside attention, each head's values are rotated too: v_proj's rows of a KV head are multiplied by
+R^T and o_proj's input columns of every attention head by R (one R, so grouped KV heads work),
+which attention passes through unchanged (softmax(QK^T) V R, then (.) R^T inside o_proj). This
+spreads outliers of o_proj's input, whose int8 activation quantization has no norm to fold into.
+R is the normalized Hadamard matrix when the head size is a power of two.
 """
 
 import torch
@@ -20,6 +26,25 @@ def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :]  # a Haar-random orthogonal matrix
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix / sqrt(n), orthogonal; n a power of two."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+@torch.no_grad()
+def _rotate_heads(attn, head_dim: int, r: torch.Tensor) -> None:
+    v, o = attn.v_proj, attn.o_proj
+    wv = v.weight.double().view(-1, head_dim, v.in_features)  # [kv heads, d, hidden]
+    v.weight.copy_(torch.einsum("ji,hjk->hik", r, wv).reshape(v.weight.shape).to(v.weight.dtype))
+    if v.bias is not None:
+        v.bias.copy_((v.bias.double().view(-1, head_dim) @ r).reshape(-1).to(v.bias.dtype))
+    wo = o.weight.double().view(o.out_features, -1, head_dim)  # [hidden, heads, d]
+    o.weight.copy_((wo @ r).reshape(o.weight.shape).to(o.weight.dtype))
 
 
 @torch.no_grad()
@@ -57,3 +82,10 @@ def rotate_model(model, seed: int = 0) -> None:
             if lin.bias is not None:
                 right(lin.bias[None, :])
     right(model.lm_head.weight)
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    r = (hadamard(head_dim) if head_dim & (head_dim - 1) == 0
+         else random_orthogonal(head_dim, seed + 1))
+    for layer in inner.layers:
+        _rotate_heads(layer.self_attn, head_dim, r)

@@ -125,11 +125,21 @@ def test_rotation_preserves_the_float_model(tiny_fp16):
     model.config.tie_word_embeddings = True  # exercise untying too
     model.lm_head.weight = model.model.embed_tokens.weight
     x = torch.randint(0, 500, (2, 24))
+    seen = []
+    o_proj = model.model.layers[1].self_attn.o_proj
+    hook = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     with torch.no_grad():
         before = model(x).logits
         rotate_model(model, seed=3)
         after = model(x).logits
+    hook.remove()
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    # o_proj's input (attention output, per head) is rotated by the head rotation R.
+    from offline.rotate import hadamard
+    d = model.config.hidden_size // model.config.num_attention_heads
+    heads_before = seen[0].reshape(2, 24, -1, d).double()
+    torch.testing.assert_close(seen[1].reshape(2, 24, -1, d).double(), heads_before @ hadamard(d),
+                               rtol=1e-4, atol=1e-4)
     assert not model.config.tie_word_embeddings
     assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
 
