@@ -41,6 +41,20 @@ METHODS = {
 }
 
 
+# What each row ran, recorded with it.
+DETAILS = {
+    "fp16": "the dequantized GGUF model, unquantized",
+    "rtn_w4a8": "round to nearest on the QQQ grid; int8 per-token activations",
+    "smooth_w4a8": "adaptive smoothing (SmoothQuant-alpha search per linear pair) + round to nearest",
+    "gptq_w4a8": "GPTQ (act-order, static groups), no smoothing",
+    "qqq_w4a8": "adaptive smoothing + GPTQ",
+    "qqq_rot_w4a8": "rotation (residual stream: random orthogonal; per-head V/O: Hadamard) + GPTQ",
+    "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
+    "smoothquant_w8a8": "SmoothQuant alpha 0.5 (norm->qkv, norm->gate/up), int8 per-channel "
+                        "weights (round to nearest), int8 per-token activations",
+}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
@@ -91,7 +105,7 @@ def main():
         ppl = perplexity(model, windows)
         rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                      "method": name.split("/")[0], "group_size": group, "ppl": ppl,
-                     "eval_tokens": int(windows.numel()),
+                     "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
                      "seconds": round(time.time() - start, 1)})
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
