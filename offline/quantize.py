@@ -1,13 +1,15 @@
 """qqq-quantize: turn a Hugging Face FP16/BF16 causal LM into a QQQ checkpoint.
 
-    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--calib TEXT] [--rotate]
-                 [--no-smooth] [--no-gptq]
+    qqq-quantize MODEL_DIR OUT_DIR [--group-size -1|128] [--calib TEXT] [--[no-]rotate]
+                 [--[no-]smooth] [--no-gptq]
 
-With calibration text (a file or a directory of *.txt) the QQQ pipeline runs: adaptive smoothing
-(offline/smooth.py), then GPTQ onto the QQQ grid (offline/gptq.py), one layer at a time. --rotate
-picks the other pipeline: rotation of the residual stream (offline/rotate.py) then GPTQ, without
-smoothing unless --smooth is given. Without calibration text, or with --no-smooth --no-gptq,
-weights are rounded to the nearest grid point (RTN).
+With calibration text (a file or a directory of *.txt) the default pipeline is rotation of the
+residual stream and of each attention head's values (offline/rotate.py), then GPTQ onto the QQQ
+grid (offline/gptq.py), one layer at a time: what the QQQ authors' code defaults to, and the best
+W4A8 row of our study (benchmarks/results/NOTES.md). --smooth picks the other pipeline, adaptive
+smoothing (offline/smooth.py) then GPTQ, without rotation unless --rotate is given. Without
+calibration text, or with --no-gptq and no smoothing, weights are rounded to the nearest grid
+point (RTN).
 """
 
 import argparse
@@ -101,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="-1: per-channel int4; 128: two-level per-group (default -1)")
     parser.add_argument("--calib", type=Path,
                         help="calibration text: a file or a directory of *.txt (local only)")
-    parser.add_argument("--rotate", action="store_true",
-                        help="rotate the residual stream (weights only) instead of smoothing")
+    parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                        help="rotate the residual stream and head values (weights only; default: "
+                             "on with --calib unless --smooth is given)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
-                        help="adaptive smoothing before quantization (default: on, off with "
-                             "--rotate)")
+                        help="adaptive smoothing before quantization (default: off when rotating)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ error compensation; --no-gptq rounds to nearest (default on)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
@@ -118,9 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        smooth = (not args.rotate) if args.smooth is None else args.smooth
+        rotate = args.rotate
+        if rotate is None:
+            rotate = args.calib is not None and not args.smooth
+        smooth = (not rotate) if args.smooth is None else args.smooth
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
-                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, args.rotate)
+                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

@@ -145,15 +145,18 @@ def test_rotation_preserves_the_float_model(tiny_fp16):
 
 
 def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
-    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1", "--rotate",
+    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1",  # the default
                  "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["rotate"] and qc["gptq"] and not qc["smooth"] and not cfg["tie_word_embeddings"]
     # Same GPTQ without rotation: on this random model (no outliers to spread) rotation should
     # neither help much nor hurt; a broken rotation would be far off.
-    assert main([str(tiny_fp16), str(tmp_path / "p"), "--group-size", "-1", "--no-smooth",
-                 "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
+    assert main([str(tiny_fp16), str(tmp_path / "p"), "--group-size", "-1", "--no-rotate",
+                 "--no-smooth", "--calib", str(calib_text), "--nsamples", "4", "--seqlen",
+                 "64"]) == 0
+    qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    assert not qc["rotate"] and qc["gptq"] and not qc["smooth"]
     from offline.fake_quant import load_fake_quant_model
     fp = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
     x = torch.randint(0, 500, (2, 32))
@@ -162,3 +165,10 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
         err_rot = (load_fake_quant_model(tmp_path / "r")(x).logits - a).norm() / a.norm()
         err_plain = (load_fake_quant_model(tmp_path / "p")(x).logits - a).norm() / a.norm()
     assert 0 < err_rot < 1.5 * err_plain, (err_rot, err_plain)
+
+
+def test_smooth_flag_picks_the_smoothing_pipeline(tiny_fp16, calib_text, tmp_path):
+    assert main([str(tiny_fp16), str(tmp_path / "s"), "--smooth", "--calib", str(calib_text),
+                 "--nsamples", "4", "--seqlen", "64"]) == 0
+    qc = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
+    assert qc["smooth"] and qc["gptq"] and not qc["rotate"]
