@@ -4,7 +4,8 @@
                  [--[no-]smooth] [--no-gptq]
 
 With calibration text (a file or a directory of *.txt) the default pipeline is rotation of the
-residual stream and of each attention head's values (offline/rotate.py), then GPTQ onto the QQQ
+residual stream (offline/rotate.py; --rotate-heads also rotates each attention head's values),
+then GPTQ onto the QQQ
 grid (offline/gptq.py), one layer at a time: what the QQQ authors' code defaults to, and the best
 W4A8 row of our study (benchmarks/results/NOTES.md). --smooth picks the other pipeline, adaptive
 smoothing (offline/smooth.py) then GPTQ, without rotation unless --rotate is given. Without
@@ -46,7 +47,7 @@ def _check_linears(model, group_size: int) -> None:
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    calib: Path | None = None, smooth: bool = True, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
-                   seed: int = 0, rotate: bool = False) -> Path:
+                   seed: int = 0, rotate: bool = False, rotate_heads: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
@@ -67,7 +68,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     if rotate or calibrated:
         model.float()  # work in fp32; the exported non-linear tensors go back to src_dtype
     if rotate:
-        rotate_model(model, seed)
+        rotate_model(model, seed, heads=rotate_heads)
         config = dict(config, tie_word_embeddings=False)  # rotation unties lm_head
     if calibrated:
         method = "+".join(m for m, on in (("rotate", rotate), ("smooth", smooth), ("gptq", gptq))
@@ -88,7 +89,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
         state.pop("lm_head.weight", None)
     out = write_checkpoint(out_dir, state, config, group_size, model_dir,
                            extra={"smooth": bool(calibrated and smooth),
-                                  "gptq": bool(calibrated and gptq), "rotate": rotate})
+                                  "gptq": bool(calibrated and gptq), "rotate": rotate,
+                                  "rotate_heads": bool(rotate and rotate_heads)})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
              time.time() - start, peak, out)
@@ -104,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calib", type=Path,
                         help="calibration text: a file or a directory of *.txt (local only)")
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
-                        help="rotate the residual stream and head values (weights only; default: "
-                             "on with --calib unless --smooth is given)")
+                        help="rotate the residual stream (weights only; default: on with --calib "
+                             "unless --smooth is given)")
+    parser.add_argument("--rotate-heads", action="store_true",
+                        help="with rotation, also rotate each attention head's values (V/O)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
                         help="adaptive smoothing before quantization (default: off when rotating)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             rotate = args.calib is not None and not args.smooth
         smooth = (not rotate) if args.smooth is None else args.smooth
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
-                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate)
+                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,
+                       args.rotate_heads)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

@@ -130,7 +130,7 @@ def test_rotation_preserves_the_float_model(tiny_fp16):
     hook = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     with torch.no_grad():
         before = model(x).logits
-        rotate_model(model, seed=3)
+        rotate_model(model, seed=3, heads=True)
         after = model(x).logits
     hook.remove()
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
