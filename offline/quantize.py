@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="calibration text: a file or a directory of *.txt (local only)")
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="rotate the residual stream (weights only; default: on with --calib "
-                             "unless --smooth is given)")
+                             "and --group-size 128 unless --smooth is given)")
     parser.add_argument("--rotate-heads", action="store_true",
                         help="with rotation, also rotate each attention head's values (V/O)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
-                        help="adaptive smoothing before quantization (default: off when rotating)")
+                        help="adaptive smoothing before quantization (default: on unless rotating)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ error compensation; --no-gptq rounds to nearest (default on)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         rotate = args.rotate
-        if rotate is None:
-            rotate = args.calib is not None and not args.smooth
+        if rotate is None:  # the better pipeline of our study for this group size
+            rotate = args.calib is not None and not args.smooth and args.group_size == 128
         smooth = (not rotate) if args.smooth is None else args.smooth
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,

@@ -145,7 +145,7 @@ def test_rotation_preserves_the_float_model(tiny_fp16):
 
 
 def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
-    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1",  # the default
+    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1", "--rotate",
                  "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -167,8 +167,13 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
     assert 0 < err_rot < 1.5 * err_plain, (err_rot, err_plain)
 
 
-def test_smooth_flag_picks_the_smoothing_pipeline(tiny_fp16, calib_text, tmp_path):
-    assert main([str(tiny_fp16), str(tmp_path / "s"), "--smooth", "--calib", str(calib_text),
+@pytest.mark.parametrize("args,rotate", [(["--group-size", "128"], True),
+                                         (["--group-size", "-1"], False),
+                                         (["--group-size", "128", "--smooth"], False)])
+def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate):
+    """Rotation + GPTQ for g128, smoothing + GPTQ per-channel (the study's better rows), unless
+    a flag picks."""
+    assert main([str(tiny_fp16), str(tmp_path / "q"), *args, "--calib", str(calib_text),
                  "--nsamples", "4", "--seqlen", "64"]) == 0
-    qc = json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"]
-    assert qc["smooth"] and qc["gptq"] and not qc["rotate"]
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["rotate"] == rotate and qc["smooth"] == (not rotate) and qc["gptq"]
