@@ -32,6 +32,24 @@ struct OutType<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
+// Raises a kernel's dynamic shared memory limit once (cudaFuncSetAttribute is per function).
+template <auto kernel, int bytes>
+void allow_smem() {
+  static const bool done = [] {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+               "cudaFuncSetAttribute");
+    return true;
+  }();
+  (void)done;
+}
+
+// The range [begin, end) of the k blocks that split `split` of `splits` takes (split-K).
+__device__ __forceinline__ void split_range(int kblocks, int split, int splits, int& begin,
+                                            int& end) {
+  begin = static_cast<int>(static_cast<int64_t>(kblocks) * split / splits);
+  end = static_cast<int>(static_cast<int64_t>(kblocks) * (split + 1) / splits);
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

@@ -56,9 +56,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int n8_tiles = n / 8;
 
   // This split's range of 128-deep k blocks.
-  const int kblocks = k / kBK, splits = gridDim.z;
-  const int kb_begin = static_cast<int>(static_cast<int64_t>(kblocks) * blockIdx.z / splits);
-  const int kb_end = static_cast<int>(static_cast<int64_t>(kblocks) * (blockIdx.z + 1) / splits);
+  const int splits = gridDim.z;
+  int kb_begin, kb_end;
+  split_range(k / kBK, blockIdx.z, splits, kb_begin, kb_end);
   const int iters = kb_end - kb_begin;
 
   auto stage_a = [&](int s) { return smem + s * T::STAGE_BYTES; };
@@ -231,17 +231,6 @@ static int sm_count() {
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
   return sms;
-}
-
-// Raises a kernel's dynamic shared memory limit once (cudaFuncSetAttribute is per function).
-template <auto kernel, int bytes>
-static void allow_smem() {
-  static const bool done = [] {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute");
-    return true;
-  }();
-  (void)done;
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>

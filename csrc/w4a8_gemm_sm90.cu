@@ -60,9 +60,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n8_tiles = n / 8;
 
   // This split's range of 128-deep k blocks.
-  const int kblocks = k / kBK, splits = gridDim.z;
-  const int kb_begin = static_cast<int>(static_cast<int64_t>(kblocks) * blockIdx.z / splits);
-  const int kb_end = static_cast<int>(static_cast<int64_t>(kblocks) * (blockIdx.z + 1) / splits);
+  const int splits = gridDim.z;
+  int kb_begin, kb_end;
+  split_range(k / kBK, blockIdx.z, splits, kb_begin, kb_end);
   const int iters = kb_end - kb_begin;
 
   auto stage_x = [&](int s) { return smem + s * T::STAGE_BYTES; };
@@ -261,16 +261,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // not built for sm_90a: wgmma_available() keeps the host from launching this
 #endif
-}
-
-template <auto kernel, int bytes>
-static void allow_smem() {
-  static const bool done = [] {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute");
-    return true;
-  }();
-  (void)done;
 }
 
 template <typename Out, int BM, bool GROUPED>
