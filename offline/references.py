@@ -15,7 +15,6 @@ import torch
 from offline.checkpoint import LINEAR_NAMES
 from offline.fake_quant import W4A8Linear, load_fake_quant_model
 from offline.smooth import fold_into_norm
-from vllm_qqq.reference import quantize_per_token
 
 
 def load_weight_only(qqq_dir: Path) -> torch.nn.Module:
@@ -27,22 +26,16 @@ def load_weight_only(qqq_dir: Path) -> torch.nn.Module:
     return model
 
 
-class W8A8Linear(torch.nn.Module):
-    """int8 per-channel weights x int8 per-token activations, dequantized products in fp32."""
+class W8A8Linear(W4A8Linear):
+    """int8 per-channel weights (round to nearest) x int8 per-token activations: W4A8Linear's
+    fast fake-quant path with 8-bit instead of 4-bit weight codes."""
 
     def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
         w = linear.weight.data.float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-        self.register_buffer("w_dq", (torch.round(w / scale).clamp(-127, 127) * scale).t())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.data.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
-        y = (q.float() * s) @ self.w_dq
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+        codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.data.float()
+        super().__init__(codes.t().contiguous(), scale, bias, exact=False)
 
 
 @torch.no_grad()
