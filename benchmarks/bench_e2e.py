@@ -9,6 +9,10 @@ per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
 (b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127.
 Each format runs in its own process (a fresh engine, all GPU memory back between them).
+CUDA graphs are captured for the batch sizes the bench decodes at and their powers of two
+(--capture-sizes) instead of vLLM's ~50 default sizes: the same graphs serve the measured steps,
+and engine start-up, which the bench does not time, is shorter. --append adds the formats run
+to an existing --json (a run split over device calls on the same machine and checkpoints).
 """
 
 import argparse
@@ -40,6 +44,7 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
         with torch.device("cuda"):
             model = LlamaForCausalLM(config).half()
         model.save_pretrained(fp16)
+        write_word_tokenizer(fp16, config.vocab_size)
         del model
         torch.cuda.empty_cache()
     out = {"fp16": fp16}
@@ -54,6 +59,23 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
             _convert(fp16, path, convert, QUANT_CONFIGS[name])
         out[name] = path
     return out
+
+
+def write_word_tokenizer(model_dir: Path, vocab_size: int):
+    """A word-level tokenizer with one word per model id ("<unk>", "<s>", "</s>", "w3", "w4", ...)
+    and a chat template, so that `vllm serve` runs on the random model: every id it samples
+    decodes to a word (a small real tokenizer would leave most of its 128256 ids empty text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from offline.tiny_model import CHAT_TEMPLATE
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(model_dir)
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,20 +153,26 @@ def _convert(fp16: Path, out: Path, convert, quant_config):
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    if (fp16 / "generation_config.json").exists():
-        shutil.copy(fp16 / "generation_config.json", tmp)
+    from offline.checkpoint import TOKENIZER_FILES
+    for name in TOKENIZER_FILES:
+        if (fp16 / name).exists():
+            shutil.copy(fp16 / name, tmp)
     tmp.rename(out)
 
 
-def run_format(model: str, quantization: str | None, batches, eager: bool) -> dict:
+def run_format(model: str, quantization: str | None, batches, eager: bool,
+               capture_sizes: list[int] | None) -> dict:
     """In a child process: throughput and decode latency for one checkpoint."""
     from vllm import LLM, SamplingParams
 
+    start = time.perf_counter()
+    compilation = {"cudagraph_capture_sizes": capture_sizes} if capture_sizes else None
     llm = LLM(model, quantization=quantization, skip_tokenizer_init=True, max_model_len=2048,
               max_num_seqs=256, gpu_memory_utilization=0.85, attention_backend="TRITON_ATTN",
-              seed=0, enforce_eager=eager)
+              seed=0, enforce_eager=eager, compilation_config=compilation)
     cc = llm.llm_engine.vllm_config.compilation_config
-    print(f"compilation mode {cc.mode}, cudagraph mode {cc.cudagraph_mode}", flush=True)
+    print(f"compilation mode {cc.mode}, cudagraph mode {cc.cudagraph_mode}, "
+          f"engine ready in {time.perf_counter() - start:.0f} s", flush=True)
     import random
     rng = random.Random(0)
 
@@ -187,13 +215,19 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
+    parser.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256",
+                        help="CUDA graph batch sizes; 'default' for vLLM's own list")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of other formats already in --json")
     parser.add_argument("--prepare-only", action="store_true",
                         help="make the checkpoints in --workdir and stop (for profile_decode.py)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        sizes = (None if args.capture_sizes == "default"
+                 else [int(b) for b in args.capture_sizes.split(",")])
         result = run_format(args.child[0], None if args.child[1] == "none" else args.child[1],
-                            [int(b) for b in args.batches.split(",")], args.eager)
+                            [int(b) for b in args.batches.split(",")], args.eager, sizes)
         print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
@@ -206,12 +240,23 @@ def main():
     report = {"device": device, "model": f"Llama-3-8B-shaped, {args.layers} layers, random "
               "weights; QQQ by qqq-quantize (RTN), W8A8 compressed-tensors int8 (channel weights, "
               "dynamic token activations), W4A16 GPTQ sym g128 (Marlin)", "rows": [],
-              "weights_gib": {}, "command": " ".join(sys.argv)}
-    for fmt in args.formats.split(","):
+              "weights_gib": {}, "commands": []}
+    formats = args.formats.split(",")
+    if args.append and args.json and args.json.exists():
+        old = json.loads(args.json.read_text())
+        if old.get("model") != report["model"] or old.get("device") != device:
+            sys.exit(f"--append: {args.json} holds another model or device")
+        report["rows"] = [r for r in old["rows"] if r["format"] not in formats]
+        report["weights_gib"] = {f: v for f, v in old["weights_gib"].items() if f not in formats}
+        report["commands"] = old.get("commands", [])
+    report["commands"].append(" ".join(sys.argv))
+    for fmt in formats:
         quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
         env = dict(os.environ)
         cmd = [sys.executable, __file__, "--child", str(models[fmt]), quant,
-               "--batches", args.batches] + (["--eager"] if args.eager else [])
+               "--batches", args.batches, "--capture-sizes", args.capture_sizes] + (
+                   ["--eager"] if args.eager else [])
+        started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         for line in (proc.stdout + proc.stderr).splitlines():
             if "compilation mode" in line or "CUDA graph" in line or "cudagraph" in line.lower():
@@ -225,7 +270,8 @@ def main():
         for row in result["rows"]:
             report["rows"].append({"format": fmt, **row})
         print(f"{fmt}: " + " ".join(f"b{r['batch']}={r['tokens_per_s']:.0f} tok/s"
-                                    for r in result["rows"]), flush=True)
+                                    for r in result["rows"])
+              + f" ({time.perf_counter() - started:.0f} s)", flush=True)
         if args.json:  # after every format, so a cut-short run keeps what it measured
             args.json.write_text(json.dumps(report, indent=1))
     base = {r["batch"]: r for r in report["rows"] if r["format"] == "fp16"}

@@ -61,6 +61,39 @@ def setup_qqq_mma(k, n):
     return g, nbytes
 
 
+def setup_qqq_nopdl(k, n):
+    """Per-channel with the GEMM launched plainly after the quantization (no programmatic
+    dependent launch): what the early start gains."""
+    from vllm_qqq import _C
+    f, nbytes = setup_qqq(-1)(k, n)
+
+    def g(x):
+        _C.set_pdl(False)
+        try:
+            return f(x)
+        finally:
+            _C.set_pdl(True)
+    return g, nbytes
+
+
+def setup_qqq_tile(bm, stages):
+    """Per-channel with the Hopper kernel forced to one tile (bm tokens x stages) at every M."""
+    def setup(k, n):
+        from vllm_qqq import _C
+        f, nbytes = setup_qqq(-1)(k, n)
+
+        def g(x):
+            _C.set_wgmma_tile(bm, stages)
+            _C.set_wgmma_min_m(1)
+            try:
+                return f(x)
+            finally:
+                _C.set_wgmma_tile(0, 0)
+                _C.set_wgmma_min_m(0)
+        return g, nbytes
+    return setup
+
+
 def setup_qqq_gemm_only(k, n):
     """Our GEMM alone on pre-quantized activations: how much of qqq_channel is quantization."""
     from offline.grid import rtn
@@ -148,6 +181,9 @@ IMPLS = {
     "qqq_g128": setup_qqq(128),
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
+    "qqq_channel_nopdl": setup_qqq_nopdl,
+    **{f"qqq_tile_{bm}x{st}": setup_qqq_tile(bm, st)
+       for bm, st in ((64, 4), (64, 8), (128, 4), (128, 7), (256, 4))},
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

@@ -26,17 +26,24 @@ PYBIND11_MODULE(_C, m) {
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
          uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,
-         int64_t workspace_entries, uintptr_t stream) {
+         int64_t workspace_entries, uintptr_t stream, bool after_quant) {
         qqq::w4a8_gemm(ptr<const int8_t>(a), ptr<const float>(a_scale), ptr<const uint32_t>(b),
                        ptr<const float>(scale), ptr<const void>(group), ptr<const void>(bias),
                        ptr<void>(out), out_dtype, rows, n, k, ptr<int>(workspace),
-                       workspace_entries, reinterpret_cast<cudaStream_t>(stream));
+                       workspace_entries, after_quant, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("scale"), py::arg("group"),
       py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
-      py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"));
+      py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"),
+      py::arg("after_quant") = false);
   m.def("wgmma_available", &qqq::wgmma_available,
-        "Whether M > 64 can run the Hopper wgmma kernel on the current GPU.");
+        "Whether the Hopper wgmma kernel can run on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),
-        "Use the Hopper wgmma kernel for M > 64 where the GPU has it (the default).");
+        "Use the Hopper wgmma kernel where the GPU has it (the default).");
+  m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
+        "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
+  m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
+        "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
+  m.def("set_wgmma_tile", &qqq::set_wgmma_tile, py::arg("bm"), py::arg("stages"),
+        "Tuning/tests: force the Hopper kernel's tile (bm tokens x stages); bm = 0: by M.");
 }

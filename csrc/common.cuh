@@ -50,6 +50,43 @@ __device__ __forceinline__ void split_range(int kblocks, int split, int splits, 
   end = static_cast<int>(static_cast<int64_t>(kblocks) * (split + 1) / splits);
 }
 
+// Programmatic dependent launch (sm_90+). The quantization kernel lets the GEMM after it start
+// early; the GEMM prefetches its weights (constant) and then waits for the prior grid, complete
+// and its memory visible, before it reads activations or touches the workspace. Both are no-ops
+// on older GPUs and for kernels launched without the attribute (launch_kernel below).
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether the GEMM launch being made carries the programmatic-dependent-launch attribute
+// (w4a8_gemm's after_quant, on compute capability 9.0+, unless set_pdl(false)).
+bool pdl_enabled();
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where
+// pdl_enabled(): the kernel may begin before the previous kernel in the stream has finished.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                   cudaStream_t stream, const char* what, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), what);
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

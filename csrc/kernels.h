@@ -18,23 +18,27 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
 // group scales [K/128, N]. workspace: zeroed int32 of ops.workspace_size(n) entries, left zeroed.
+// after_quant: the kernel right before this call in the stream is quant_per_token writing a and
+// a_scale, and nothing this GEMM reads besides them; then (sm_90+) the GEMM is launched to start
+// early and prefetch its weights while the quantization finishes (programmatic dependent launch).
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, cudaStream_t stream);
+               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream);
 
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees):
 // first a region the kernels keep zeroed (the mma.sync kernel's split-K sums for 64 rows and one
 // counter per tile), then, at the END of the buffer, the Hopper kernel's split-K partial tiles
-// (up to 4 splits x 256 rows x N, only for N <= 8192). Anchoring the partials at the end keeps
+// (1024 x N entries, only for N <= 8192: splits x token rows <= 1024, the launch checks). Anchoring the partials at the end keeps
 // them clear of every layer's zeroed region when the buffer is sized max(zeroed) + max(partial).
-constexpr int kWgmmaMaxSplits = 4;
+constexpr int kWgmmaMinM = 17;
 inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
 inline int64_t workspace_zeroed_entries(int n) { return 64LL * n + (n + 127) / 128 * 4; }
 inline int64_t workspace_partial_entries(int n) {
-  return n <= 8192 ? int64_t{kWgmmaMaxSplits} * 256 * n : 0;
+  return n <= 8192 ? int64_t{4} * 256 * n : 0;
 }
 
-// The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M > 64 on sm_90.
+// The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M >= kWgmmaMinM on
+// sm_90 (below, the mma.sync kernel's split-K wins: measured, NOTES.md "GEMM").
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,
                      int k, int* ws_partial, int* ws_count, int sms, cudaStream_t stream);
@@ -42,7 +46,13 @@ void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, c
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
 bool wgmma_available();
 
-// Off: M > 64 runs the mma.sync kernel on sm_90 too (what sm_80 runs; tests, benchmarks).
+// Tests and tuning. Off: every M runs the mma.sync kernel on sm_90 too (what sm_80 runs).
 void set_wgmma_enabled(bool on);
+// The smallest M the Hopper kernel takes (<= 0: kWgmmaMinM).
+void set_wgmma_min_m(int m);
+// Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
+void set_pdl(bool on);
+// Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages; bm = 0: chosen by M.
+void set_wgmma_tile(int bm, int stages);
 
 }  // namespace qqq

@@ -14,6 +14,7 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
                                                                         int k,
                                                                         int8_t* __restrict__ q,
                                                                         float* __restrict__ scale) {
+  allow_dependent_grid();  // the GEMM may start its weight prefetch now (common.cuh)
   const size_t row = blockIdx.x;
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
   const int vecs = k / 8;  // 8 elements of 2 bytes per 16-byte vector

@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::A_BYTES + T::B_BYTES);
   };
 
-  auto load_stage = [&](int s, int kb) {
+  auto load_a = [&](int s, int kb) {
     // A: BM rows x 8 chunks of 16 bytes; chunk c of row r stored at chunk c ^ (r % 8).
     uint8_t* sa = stage_a(s);
     for (int i = tid; i < T::BM * 8; i += kThreads) {
@@ -78,6 +78,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int8_t* src = a + (static_cast<size_t>(ok ? m0 + r : 0) * k + kb * kBK + c * 16);
       cp_async16(sa + r * kBK + ((c ^ (r % 8)) * 16), src, ok);
     }
+  };
+  auto load_b = [&](int s, int kb) {
     // B: 4 k32 steps x 16 n8 tiles x 32 words, each step 2 KB contiguous in global memory.
     uint32_t* sb = stage_b(s);
     for (int i = tid; i < T::B_BYTES / 16; i += kThreads) {
@@ -106,16 +108,26 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[i][j][e] = 0;
 
+  // The weights of the first stages are requested before waiting for the kernel that wrote the
+  // activations (programmatic dependent launch); they join the first cp.async group.
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
-    if (s < iters) load_stage(s, kb_begin + s);
+    if (s < iters) load_b(s, kb_begin + s);
+  }
+  wait_for_prior_grid();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < iters) load_a(s, kb_begin + s);
     cp_async_commit();
   }
 
   for (int it = 0; it < iters; it++) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + kStages - 1 < iters) load_stage((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
+    if (it + kStages - 1 < iters) {
+      load_a((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
+      load_b((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
+    }
     cp_async_commit();
 
     const int s = it % kStages;
@@ -225,6 +237,23 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
+static bool pdl_allowed = true;
+void set_pdl(bool on) { pdl_allowed = on; }
+static bool pdl_supported() {
+  static const bool yes = [] {
+    int dev = 0, major = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
+    return major >= 9;
+  }();
+  return yes;
+}
+// Whether the launch of the current w4a8_gemm call may be programmatic (its caller asked for it:
+// the kernel right before it in the stream is the quantization of its activations).
+static thread_local bool call_pdl = false;
+bool pdl_enabled() { return call_pdl; }
+static int wgmma_min_m = kWgmmaMinM;
+void set_wgmma_min_m(int m) { wgmma_min_m = m > 0 ? m : kWgmmaMinM; }
 
 static int sm_count() {
   int dev = 0, sms = 0;
@@ -252,12 +281,9 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
   int* ws_acc = workspace;
   int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
   allow_smem<kernel, T::SMEM_BYTES>();
-  dim3 grid(n_tiles, m_tiles, splits);
-  kernel<<<grid, kThreads, T::SMEM_BYTES, stream>>>(a, a_scale, b, scale, group,
-                                                     static_cast<const Out*>(bias),
-                                                     static_cast<Out*>(out), m, n, k, ws_acc,
-                                                     ws_count);
-  check_cuda(cudaGetLastError(), "w4a8_gemm launch");
+  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), T::SMEM_BYTES, stream,
+                "w4a8_gemm launch", a, a_scale, b, scale, group, static_cast<const Out*>(bias),
+                static_cast<Out*>(out), m, n, k, ws_acc, ws_count);
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
@@ -291,7 +317,7 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
 
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, cudaStream_t stream) {
+               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument(
         "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
@@ -303,8 +329,9 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }
   if (m == 0) return;
+  call_pdl = after_quant && pdl_allowed && pdl_supported();
   const half* g = static_cast<const half*>(group);
-  if (m > kSplitMaxM && wgmma_enabled && wgmma_available()) {
+  if (m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();
     int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
     int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));

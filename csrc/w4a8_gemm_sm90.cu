@@ -1,14 +1,17 @@
-// W4A8 GEMM for Hopper (sm_90a) and M > 64: the product of w4a8_gemm.cu computed transposed,
+// W4A8 GEMM for Hopper (sm_90a) and M > 16: the product of w4a8_gemm.cu computed transposed,
 // out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
 // M) and the CTA's BM tokens are wgmma's N; both operands come from 128B-swizzled shared memory.
 //
 // Per stage of 128 k: cp.async brings the int8 activations (BM x 128) and the 4-bit weights (the
-// kernel layout of vllm_qqq/ops.py) into a 4-slot ring; each warpgroup decodes its weights to
+// kernel layout of vllm_qqq/ops.py) into a ring of STAGES slots; each warpgroup decodes its weights to
 // int8 (decode.cuh) into its own double-buffered A tile and issues 4 wgmma m64nBMk32, keeping one
 // stage in flight while it decodes the next. Measured on the H100 against the alternatives (gate_up
 // K=4096 N=28672 M=4096): decoded A in registers fed to wgmma directly, waiting per stage, 1320 us;
 // the same with a stage in flight, 1252 us (ptxas serializes register-A wgmmas whose inputs are
 // written while another is in flight, C7513); this shared-memory A, 1191 us; mma.sync 1942 us.
+//
+// BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
+// waits on memory rather than on the tensor cores.
 //
 // Small grids (few N tiles, M <= 256) split K over blockIdx.z: each split stores its int32 tile
 // to the workspace with plain stores, and the last split of a tile (an atomic counter) adds them
@@ -16,6 +19,8 @@
 // The epilogue (the reference's fp32 formula) reads the int32 tile staged in shared memory, so
 // every global store is a whole 16-byte piece of an output row.
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 #include "decode.cuh"
@@ -26,25 +31,28 @@ namespace qqq {
 namespace sm90 {
 
 constexpr int kBK = 128;
-constexpr int kStages = 4;  // loads run 2 stages ahead; one stage's wgmma in flight
 constexpr int kWarpgroups = 2;
 constexpr int kThreads = kWarpgroups * 128;
 constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 
-template <int BM>
+// BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
+// STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded).
+template <int BM, int STAGES>
 struct Tile {
+  static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
   static constexpr int X_BYTES = BM * kBK;
   static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
   static constexpr int A_BYTES = kWarpgroups * 2 * 64 * kBK;  // decoded weights, 2 buffers
-  static constexpr int SMEM_BYTES = kStages * STAGE_BYTES + A_BYTES + 1024;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
+  static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
   static constexpr int ACC_PITCH = kBN + 4;  // staged int32 row: conflict-free writes, 16B rows
-  static_assert(BM * ACC_PITCH * 4 <= kStages * STAGE_BYTES, "int32 tile fits the pipeline");
+  static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
-template <typename Out, int BM, bool GROUPED>
+template <typename Out, int BM, int STAGES, bool GROUPED>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
@@ -52,7 +60,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                            Out* __restrict__ out, int m, int n, int k,
                            int* __restrict__ ws_partial, int* __restrict__ ws_count) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM>;
+  using T = Tile<BM, STAGES>;
+  constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -73,7 +82,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::X_BYTES + T::W_BYTES);
   };
 
-  auto load_stage = [&](int s, int kb) {
+  auto load_x = [&](int s, int kb) {
     // Activations: BM rows of 128 bytes, chunk c of row r at chunk c ^ (r % 8); rows past M are
     // zero-filled.
     uint8_t* sx = stage_x(s);
@@ -84,6 +93,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int8_t* src = a + (static_cast<size_t>(ok ? m0 + r : 0) * k + kb * kBK + c * 16);
       cp_async16(sx + r * kBK + ((c ^ (r % 8)) * 16), src, ok);
     }
+  };
+  auto load_w = [&](int s, int kb) {
     // Weights: 4 k32 steps x kBN / 8 n8 tiles x 32 words; kBN 16-byte chunks per step.
     uint32_t* sw = stage_w(s);
 #pragma unroll
@@ -106,9 +117,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
   // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
   // wgmma of it - 1 may still run as this iteration decodes.
+  // The weights of the first stages are requested before waiting for the kernel that wrote the
+  // activations (programmatic dependent launch); they join the first cp.async group.
 #pragma unroll
   for (int s = 0; s < kStages - 2; s++) {
-    if (s < iters) load_stage(s, kb_begin + s);
+    if (s < iters) load_w(s, kb_begin + s);
+  }
+  wait_for_prior_grid();
+#pragma unroll
+  for (int s = 0; s < kStages - 2; s++) {
+    if (s < iters) load_x(s, kb_begin + s);
     cp_async_commit();
   }
 
@@ -122,7 +140,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_proxy_async();
     __syncthreads();
     if (it + kStages - 2 < iters) {
-      load_stage((it + kStages - 2) % kStages, kb_begin + it + kStages - 2);
+      load_x((it + kStages - 2) % kStages, kb_begin + it + kStages - 2);
+      load_w((it + kStages - 2) % kStages, kb_begin + it + kStages - 2);
     }
     cp_async_commit();
 
@@ -165,7 +184,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
-      if constexpr (BM == 128) {
+      if constexpr (BM == 64) {
+        wgmma_m64n64k32_ss(acc, da, db, it > 0 || ks > 0);
+      } else if constexpr (BM == 128) {
         wgmma_m64n128k32_ss(acc, da, db, it > 0 || ks > 0);
       } else {
         wgmma_m64n256k32_ss(acc, da, db, it > 0 || ks > 0);
@@ -263,36 +284,61 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename Out, int BM, bool GROUPED>
+template <typename Out, int BM, int STAGES, bool GROUPED>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, GROUPED>;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED>;
+  constexpr int smem = Tile<BM, STAGES>::SMEM_BYTES;
+  allow_smem<kernel, smem>();
+  static const int per_sm = [] {
+    int blocks = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem),
+               "occupancy");
+    return std::max(blocks, 1);
+  }();
   const int n_tiles = (n + kBN - 1) / kBN, m_tiles = (m + BM - 1) / BM;
   int splits = 1;
   if (wgmma_split_k_allowed(m, n)) {
-    // One wave of CTAs, each split keeping at least 8 k blocks to pipeline.
-    splits = std::max(1, std::min({sms / (n_tiles * m_tiles), (k / kBK) / 8, kWgmmaMaxSplits}));
+    // One wave of CTAs, each split keeping at least 8 k blocks to pipeline, and the partial
+    // tiles within the workspace's partial region.
+    const int64_t tile_entries = static_cast<int64_t>(n_tiles) * m_tiles * BM * kBN;
+    const int fit = static_cast<int>(workspace_partial_entries(n) / tile_entries);
+    splits = std::max(1, std::min({sms * per_sm / (n_tiles * m_tiles), (k / kBK) / 8, fit}));
   }
-  allow_smem<kernel, Tile<BM>::SMEM_BYTES>();
-  dim3 grid(n_tiles, m_tiles, splits);
-  kernel<<<grid, kThreads, Tile<BM>::SMEM_BYTES, stream>>>(
-      a, a_scale, b, scale, group, static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k,
-      ws_partial, ws_count);
-  check_cuda(cudaGetLastError(), "w4a8_gemm_wgmma launch");
+  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), smem, stream,
+                "w4a8_gemm_wgmma launch", a, a_scale, b, scale, group,
+                static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k, ws_partial,
+                ws_count);
 }
+
+// The tile for M, unless set_wgmma_tile forced one. Measured on the H100 (NOTES.md "GEMM"): a
+// deeper load ring wins where the loop waits on memory (small token tiles); 256-token tiles keep
+// 4 slots (the most that fit beside their 32 KB activation stages).
+static int forced_bm = 0, forced_stages = 0;
 
 template <typename Out, bool GROUPED>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
-  if (m <= 128) {
-    launch<Out, 128, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                              ws_count, sms, stream);
-  } else {
-    launch<Out, 256, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                              ws_count, sms, stream);
+  int bm = forced_bm, stages = forced_stages;
+  if (bm == 0) {
+    bm = m <= 64 ? 64 : m <= 128 ? 128 : 256;
+    stages = bm == 64 ? 8 : bm == 128 ? 7 : 4;
   }
+#define QQQ_TILE(BM_, STAGES_)                                                                  \
+  if (bm == BM_ && stages == STAGES_) {                                                         \
+    return launch<Out, BM_, STAGES_, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, \
+                                              ws_partial, ws_count, sms, stream);               \
+  }
+  QQQ_TILE(64, 4)
+  QQQ_TILE(64, 8)
+  QQQ_TILE(128, 4)
+  QQQ_TILE(128, 7)
+  QQQ_TILE(256, 4)
+#undef QQQ_TILE
+  throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
+                              std::to_string(stages) + " stages");
 }
 
 }  // namespace sm90
@@ -307,7 +353,7 @@ bool wgmma_available() {
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, false>) !=
+    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -315,6 +361,11 @@ bool wgmma_available() {
     return attr.ptxVersion >= 90;
   }();
   return yes;
+}
+
+void set_wgmma_tile(int bm, int stages) {
+  sm90::forced_bm = bm;
+  sm90::forced_stages = stages;
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,

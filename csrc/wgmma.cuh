@@ -1,5 +1,5 @@
 // wgmma (sm_90a) helpers: int8 x int8 -> int32, both operands in 128B-swizzled shared memory.
-// The two wrappers differ only in N; their operand lists are long, not clever.
+// The wrappers differ only in N; their operand lists are long, not clever.
 // accumulate = false starts the sum: zeroing the accumulators with ordinary instructions instead
 // makes ptxas serialize the wgmmas (C7515) once the compiler moves the zeroing into the loop.
 #pragma once
@@ -35,6 +35,16 @@ __device__ __forceinline__ void pin_registers(T (&d)[n]) {
   for (int i = 0; i < n; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
+
+// d[32] (+)= A (descriptor: 64 x 32) . B^T (descriptor: 64 x 32), both K-major in shared memory
+__device__ __forceinline__ void wgmma_m64n64k32_ss(int (&d)[32], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+}
 
 // d[64] (+)= A (descriptor: 64 x 32) . B^T (descriptor: 128 x 32), both K-major in shared memory
 __device__ __forceinline__ void wgmma_m64n128k32_ss(int (&d)[64], uint64_t desc_a, uint64_t desc_b, bool accumulate) {

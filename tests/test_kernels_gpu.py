@@ -13,8 +13,11 @@ from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-# 65, 128 and 200, 257: the wgmma kernel's two token tiles (128, 256) full and partial.
-M_ALL = [1, 2, 7, 16, 33, 64, 65, 128, 200, 257, 1024, 4096]
+# 16/17: the mma.sync / wgmma boundary; 33, 64, 65, 128, 200, 257: the wgmma kernel's token
+# tiles (64, 128, 256) full and partial.
+M_ALL = [1, 2, 7, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
+# The Hopper kernel's tiles (tokens x pipeline stages), csrc/w4a8_gemm_sm90.cu.
+WGMMA_TILES = [(64, 4), (64, 8), (128, 4), (128, 7), (256, 4)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
@@ -71,16 +74,36 @@ def test_gemm_matches_reference(shape, m, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("shape,m", [("small_partial_n", 65), ("llama3_down", 257),
+@pytest.mark.parametrize("shape,m", [("llama3_qkv", 17), ("qwen_down", 64),
+                                     ("small_partial_n", 65), ("llama3_down", 257),
                                      ("qwen_qkv", 1024)])
-def test_mma_kernel_above_64_matches_reference(shape, m, g):
-    """With wgmma switched off (as on sm_80), M > 64 runs the mma.sync kernel: still exact."""
+def test_mma_kernel_above_16_matches_reference(shape, m, g):
+    """With wgmma switched off (as on sm_80), M > 16 runs the mma.sync kernel: still exact."""
     from vllm_qqq import _C
     _C.set_wgmma(False)
     try:
         check_gemm(shape, m, g)
     finally:
         _C.set_wgmma(True)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("bm,stages", WGMMA_TILES)
+def test_every_wgmma_tile_matches_reference(bm, stages, g):
+    """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
+    split-K and not, a partial N tile), not only where the dispatch picks it."""
+    from vllm_qqq import _C
+    if not _C.wgmma_available():
+        pytest.skip("no sm_90a wgmma kernel on this GPU")
+    _C.set_wgmma_tile(bm, stages)
+    _C.set_wgmma_min_m(1)
+    try:
+        for shape, m in (("llama3_qkv", 1), ("llama3_down", 50), ("small_partial_n", 130),
+                         ("qwen_down", 257), ("llama3_o", 600)):
+            check_gemm(shape, m, g)
+    finally:
+        _C.set_wgmma_tile(0, 0)
+        _C.set_wgmma_min_m(0)
 
 
 def check_gemm(shape, m, g):
@@ -117,7 +140,7 @@ def test_cuda_graph_and_compile():
     def f(x):
         return ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
 
-    for m in (1, 48, 100, 300):  # mma.sync split-K, wgmma split-K, wgmma plain
+    for m in (1, 48, 100, 300):  # mma.sync split-K; wgmma split-K (64, 128 tiles); wgmma
         static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         f(static_x)  # warm up outside the graph
         torch.cuda.synchronize()
@@ -135,7 +158,7 @@ def test_cuda_graph_and_compile():
 
 
 def test_wgmma_kernel_is_used_on_hopper():
-    """On an H100/H200 build with sm_90a, M > 64 must reach the wgmma kernel (a wrong check would
+    """On an H100/H200 build with sm_90a, M > 16 must reach the wgmma kernel (a wrong check would
     silently fall back to the slower mma.sync kernel)."""
     from vllm_qqq import _C
     if torch.cuda.get_device_capability() != (9, 0):
@@ -151,7 +174,7 @@ def test_layers_of_different_n_share_the_workspace():
         ws = ops.workspace("cuda", n)
     for _ in range(2):
         for t in layers:
-            for m in (128, 1, 200, 16):
+            for m in (128, 1, 200, 16, 40):
                 x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
                 ref = reference(x, t, None)[0]
                 y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)

@@ -65,6 +65,8 @@ def test_ops_trace_with_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
     assert torch.equal(compiled(x), f(x))
     torch.library.opcheck(torch.ops.qqq.quant_per_token.default, (x,))
+    torch.library.opcheck(torch.ops.qqq.linear.default,
+                          (x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None))
 
 
 def test_bad_arguments_are_clear_errors():

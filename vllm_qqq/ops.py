@@ -177,6 +177,30 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.T
          out_dtype: torch.dtype) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
     (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel."""
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant=False)
+
+
+@gemm.register_fake
+def _(a, a_scale, b, scale, group, workspace, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1] * 8), dtype=out_dtype)
+
+
+@torch.library.custom_op("qqq::linear", mutates_args=("workspace",), device_types=("cpu", "cuda"))
+def linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
+           workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 -> x @ W in x's dtype: quant_per_token, then gemm, launched back to back
+    in one op so that (on sm_90+) the GEMM may start while the quantization finishes and
+    prefetch its weights (programmatic dependent launch; csrc/kernels.h, after_quant)."""
+    a, a_scale = quant_per_token(x)
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, after_quant=True)
+
+
+@linear.register_fake
+def _(x, b, scale, group, workspace, bias):
+    return x.new_empty((x.shape[0], b.shape[1] * 8))
+
+
+def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant):
     m, k = a.shape
     n = b.shape[1] * 8
     _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
@@ -188,13 +212,8 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.T
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
                 group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
                 out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
-                workspace.numel(), _stream(a))
+                workspace.numel(), _stream(a), after_quant)
     return out
-
-
-@gemm.register_fake
-def _(a, a_scale, b, scale, group, workspace, bias, out_dtype):
-    return a.new_empty((a.shape[0], b.shape[1] * 8), dtype=out_dtype)
 
 
 def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
@@ -234,6 +253,6 @@ def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: to
                 workspace: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W for x [..., K] in fp16/bf16: per-token int8 quantization, then the W4A8 GEMM."""
     lead = x.shape[:-1]
-    a, a_scale = torch.ops.qqq.quant_per_token(x.reshape(-1, x.shape[-1]).contiguous())
-    out = torch.ops.qqq.gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype)
+    out = torch.ops.qqq.linear(x.reshape(-1, x.shape[-1]).contiguous(), b, scale, group,
+                               workspace, bias)
     return out.reshape(*lead, out.shape[-1])
