@@ -35,7 +35,11 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
     from offline.quantize import quantize_model
 
     fp16 = workdir / "llama3-8b-shaped-fp16"
-    if not (fp16 / "config.json").exists():
+    if not fp16.exists():  # written to a sibling, then renamed: a cut-short run leaves no half model
+        import shutil
+        started = time.perf_counter()
+        tmp = fp16.with_name(fp16.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
         config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                              num_hidden_layers=layers, num_attention_heads=32,
                              num_key_value_heads=8, max_position_embeddings=8192,
@@ -43,20 +47,26 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = LlamaForCausalLM(config).half()
-        model.save_pretrained(fp16)
-        write_word_tokenizer(fp16, config.vocab_size)
+        model.save_pretrained(tmp)
+        write_word_tokenizer(tmp, config.vocab_size)
+        tmp.rename(fp16)
         del model
         torch.cuda.empty_cache()
+        print(f"fp16 model written in {time.perf_counter() - started:.0f} s", flush=True)
     out = {"fp16": fp16}
     for name, g in (("qqq_channel", -1), ("qqq_g128", 128)):
         path = workdir / f"llama3-8b-shaped-{name}"
         if not path.exists():
+            started = time.perf_counter()
             quantize_model(fp16, path, g, calib=None, device="cuda")
+            print(f"{name} quantized in {time.perf_counter() - started:.0f} s", flush=True)
         out[name] = path
     for name, convert in (("w8a8", _w8a8_tensors), ("w4a16", _w4a16_tensors)):
         path = workdir / f"llama3-8b-shaped-{name}"
         if not path.exists():
+            started = time.perf_counter()
             _convert(fp16, path, convert, QUANT_CONFIGS[name])
+            print(f"{name} converted in {time.perf_counter() - started:.0f} s", flush=True)
         out[name] = path
     return out
 

@@ -312,20 +312,41 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
                 ws_count);
 }
 
-// The tile for M, unless set_wgmma_tile forced one. Measured on the H100 (NOTES.md "GEMM"): a
-// deeper load ring wins where the loop waits on memory (small token tiles); 256-token tiles keep
-// 4 slots (the most that fit beside their 32 KB activation stages).
+// The tile for (M, N), unless set_wgmma_tile forced one. Measured on the H100 (NOTES.md "GEMM",
+// gemm_h100_tiles.log): the loop's speed per CTA hardly depends on the ring's depth (7 vs 4
+// slots: within 3%), so what decides is how many CTAs share the work. Take the largest token
+// tile that still gives ~0.7 CTAs per SM, counting split-K only where each split keeps >= 32 k
+// blocks (shorter splits lost to smaller tiles: qkv M=128, 64 tokens 26 us vs 128 tokens split
+// in 2, 30 us; down M=256, 128 tokens split in 2, 71 us vs 64 tokens, 83 us); else 64 tokens.
+// 64-token tiles run 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 4 slots (two
+// CTAs per SM, ~100 KB each).
 static int forced_bm = 0, forced_stages = 0;
+
+static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages) {
+  const int n_tiles = (n + kBN - 1) / kBN;
+  auto tiles = [&](int tile) { return n_tiles * ((m + tile - 1) / tile); };
+  auto ctas = [&](int tile) {
+    const int deep_splits = wgmma_split_k_allowed(m, n)
+                                ? std::max(1, std::min(sms / tiles(tile), (k / kBK) / 32))
+                                : 1;
+    return tiles(tile) * deep_splits;
+  };
+  bm = 64;
+  for (int tile : {256, 128}) {
+    if (m > tile / 2 && 10 * ctas(tile) >= 7 * sms) {
+      bm = tile;
+      break;
+    }
+  }
+  stages = bm == 64 ? (tiles(64) > sms ? 4 : 8) : 4;
+}
 
 template <typename Out, bool GROUPED>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages;
-  if (bm == 0) {
-    bm = m <= 64 ? 64 : m <= 128 ? 128 : 256;
-    stages = bm == 64 ? 8 : bm == 128 ? 7 : 4;
-  }
+  if (bm == 0) choose_tile(m, n, k, sms, bm, stages);
 #define QQQ_TILE(BM_, STAGES_)                                                                  \
   if (bm == BM_ && stages == STAGES_) {                                                         \
     return launch<Out, BM_, STAGES_, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, \
@@ -334,7 +355,6 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   QQQ_TILE(64, 4)
   QQQ_TILE(64, 8)
   QQQ_TILE(128, 4)
-  QQQ_TILE(128, 7)
   QQQ_TILE(256, 4)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +

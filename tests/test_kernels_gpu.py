@@ -17,7 +17,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 # tiles (64, 128, 256) full and partial.
 M_ALL = [1, 2, 7, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens x pipeline stages), csrc/w4a8_gemm_sm90.cu.
-WGMMA_TILES = [(64, 4), (64, 8), (128, 4), (128, 7), (256, 4)]
+WGMMA_TILES = [(64, 4), (64, 8), (128, 4), (256, 4)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
