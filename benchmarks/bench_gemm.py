@@ -47,51 +47,38 @@ def setup_qqq(g):
     return setup
 
 
-def setup_qqq_mma(k, n):
-    """Per-channel with the mma.sync kernel at every M (the Hopper wgmma kernel switched off)."""
-    from vllm_qqq import _C
-    f, nbytes = setup_qqq(-1)(k, n)
-
-    def g(x):
-        _C.set_wgmma(False)  # the kernel is chosen on the host, so this holds in captured graphs
-        try:
-            return f(x)
-        finally:
-            _C.set_wgmma(True)
-    return g, nbytes
-
-
-def setup_qqq_nopdl(k, n):
-    """Per-channel with the GEMM launched plainly after the quantization (no programmatic
-    dependent launch): what the early start gains."""
-    from vllm_qqq import _C
-    f, nbytes = setup_qqq(-1)(k, n)
-
-    def g(x):
-        _C.set_pdl(False)
-        try:
-            return f(x)
-        finally:
-            _C.set_pdl(True)
-    return g, nbytes
-
-
-def setup_qqq_tile(bm, stages):
-    """Per-channel with the Hopper kernel forced to one tile (bm tokens x stages) at every M."""
+def setup_qqq_switched(switch_on, switch_off):
+    """Per-channel with a kernel switch of vllm_qqq._C set around each call (the kernel is
+    chosen on the host, so the switch holds in the captured graphs)."""
     def setup(k, n):
         from vllm_qqq import _C
         f, nbytes = setup_qqq(-1)(k, n)
 
         def g(x):
-            _C.set_wgmma_tile(bm, stages)
-            _C.set_wgmma_min_m(1)
+            switch_on(_C)
             try:
                 return f(x)
             finally:
-                _C.set_wgmma_tile(0, 0)
-                _C.set_wgmma_min_m(0)
+                switch_off(_C)
         return g, nbytes
     return setup
+
+
+# The mma.sync kernel at every M (the Hopper kernel off); the GEMM launched plainly after the
+# quantization (no programmatic dependent launch); the Hopper kernel forced to one tile.
+setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set_wgmma(True))
+setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
+
+
+def setup_qqq_tile(bm, stages):
+    def force(c):
+        c.set_wgmma_tile(bm, stages)
+        c.set_wgmma_min_m(1)
+
+    def restore(c):
+        c.set_wgmma_tile(0, 0)
+        c.set_wgmma_min_m(0)
+    return setup_qqq_switched(force, restore)
 
 
 def setup_qqq_gemm_only(k, n):
