@@ -18,7 +18,9 @@ class Grid:
     """Scales for one weight [N, K] (torch Linear layout, out x in), fixed before quantization
     (GPTQ's static groups), and rounding of any column block onto them."""
 
-    def __init__(self, weight: torch.Tensor, group_size: int):
+    def __init__(self, weight: torch.Tensor, group_size: int, clip: bool = False):
+        """clip: shrink each row's (per-channel) or group's (g128) range by the factor of CLIPS
+        that minimizes its round-to-nearest squared error, instead of always using its absmax."""
         n, k = weight.shape
         check_shape(k, n, group_size)
         w = weight.float()
@@ -27,11 +29,19 @@ class Grid:
         if group_size == -1:
             self.channel = absmax / 7
             self.group = None
+            if clip:
+                errors = torch.stack([_channel_error(w, absmax * c / 7) for c in CLIPS])
+                self.channel = absmax * _best(errors) / 7
         else:
             self.channel = absmax / 127
-            gmax = w.reshape(n, k // group_size, group_size).abs().amax(dim=2).clamp_min(_TINY)
-            self.group = (gmax / (7 * self.channel[:, None])).t().to(torch.float16)  # [K/G, N]
-            self.group = self.group.clamp_min(torch.finfo(torch.float16).tiny)
+            w3 = w.reshape(n, k // group_size, group_size)
+            gmax = w3.abs().amax(dim=2).clamp_min(_TINY)
+            factor = 1.0
+            if clip:
+                errors = torch.stack([_group_error(w3, self.channel, _group_scale(gmax * c, self.channel))
+                                      for c in CLIPS])
+                factor = _best(errors)
+            self.group = _group_scale(gmax * factor, self.channel).t()  # [K/G, N]
             self._group_f = self.group.float()
 
     def _group_scale(self, k0: int, cols: int) -> torch.Tensor:
@@ -69,7 +79,38 @@ class Grid:
                          None if self.group is None else self.group.clone(), self.group_size)
 
 
-def rtn(weight: torch.Tensor, group_size: int) -> QQQWeight:
+def rtn(weight: torch.Tensor, group_size: int, clip: bool = False) -> QQQWeight:
     """Round-to-nearest QQQ quantization of a Linear weight [N, K]."""
-    grid = Grid(weight, group_size)
+    grid = Grid(weight, group_size, clip)
     return grid.to_weight(grid.codes(weight, 0))
+
+
+# Range factors the clipping search tries (1.0 first: ties keep the absmax range).
+CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _group_scale(gmax: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """fp16 group scales [N, G] that map gmax to code 8 +- 7 on the channel's int8 step."""
+    return (gmax / (7 * channel[:, None])).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def _group_error(w3: torch.Tensor, channel: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Squared round-to-nearest error [N, G] of w3 [N, G, size] with fp16 group scales [N, G],
+    the arithmetic of Grid.codes / Grid.dequant."""
+    gs = group.float()[:, :, None]
+    ch = channel[:, None, None]
+    codes = (torch.round(w3 / (ch * gs)) + 8).clamp(0, 15)
+    codes = torch.maximum(codes, (gs > 16).to(codes.dtype))
+    values = torch.round((codes - 8) * gs).clamp(-128, 127) * ch
+    return (w3 - values).pow(2).sum(dim=2)
+
+
+def _channel_error(w: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """Squared round-to-nearest error [N] of w [N, K] with per-channel scales [N]."""
+    values = torch.round(w / channel[:, None]).clamp(-7, 7) * channel[:, None]
+    return (w - values).pow(2).sum(dim=1)
+
+
+def _best(errors: torch.Tensor) -> torch.Tensor:
+    """The CLIPS factor with the least error, per entry of errors [len(CLIPS), ...]."""
+    return torch.tensor(CLIPS, dtype=torch.float32, device=errors.device)[errors.argmin(dim=0)]

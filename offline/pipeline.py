@@ -75,9 +75,10 @@ def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
 
 @torch.no_grad()
 def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
-                    device="cpu") -> dict[str, QQQWeight]:
+                    device="cpu", clip: bool = False) -> dict[str, QQQWeight]:
     """Quantize every decoder linear of `model` in place (weights become their fake-quantized
-    values; smoothing is folded into norms and producers) and return the layers' QQQ weights."""
+    values; smoothing is folded into norms and producers) and return the layers' QQQ weights.
+    clip: search each row's / group's range (offline/grid.py) before GPTQ."""
     config = model.config
     heads_match = config.num_attention_heads == getattr(config, "num_key_value_heads",
                                                         config.num_attention_heads)
@@ -99,7 +100,7 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
         for name in LINEAR_NAMES:
             linear = layer.get_submodule(name)
             w = linear.weight.data.float()
-            grid = Grid(w, group_size)
+            grid = Grid(w, group_size, clip)
             codes = gptq(w, hessians[name].h, grid) if use_gptq else grid.codes(w, 0)
             result[f"model.layers.{i}.{name}"] = grid.to_weight(codes.cpu())
             linear.weight.data = grid.dequant(codes, 0).to(linear.weight.dtype)

@@ -47,7 +47,8 @@ def _check_linears(model, group_size: int) -> None:
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    calib: Path | None = None, smooth: bool = True, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
-                   seed: int = 0, rotate: bool = False, rotate_heads: bool = False) -> Path:
+                   seed: int = 0, rotate: bool = False, rotate_heads: bool = False,
+                   clip: bool = False) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
@@ -75,10 +76,10 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                           if on)
         log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
                  nsamples, seqlen, device)
-        weights = quantize_layers(model, samples, group_size, smooth, gptq, device)
+        weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip)
     else:
         weights = {f"model.layers.{i}.{name}": rtn(layer.get_submodule(name).weight.data,
-                                                   group_size)
+                                                   group_size, clip)
                    for i, layer in enumerate(model.model.layers) for name in LINEAR_NAMES}
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
     for prefix, qweight in weights.items():
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="adaptive smoothing before quantization (default: on unless rotating)")
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ error compensation; --no-gptq rounds to nearest (default on)")
+    parser.add_argument("--clip", action="store_true",
+                        help="search each row's (per-channel) or group's (g128) weight range for "
+                             "the least rounding error instead of its absmax (off by default)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         smooth = (not rotate) if args.smooth is None else args.smooth
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,
-                       args.rotate_heads)
+                       args.rotate_heads, args.clip)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

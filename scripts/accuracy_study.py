@@ -22,7 +22,7 @@ from offline.calibration import calibration_samples, eval_windows, read_text  # 
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
-# name -> (group_size, smooth, gptq, rotate[, rotate_heads]); None for the unquantized model
+# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip]]); None for the unquantized model
 METHODS = {
     "fp16": None,
     "rtn_w4a8/128": (128, False, False, False),
@@ -36,6 +36,7 @@ METHODS = {
     "smooth_w4a8/-1": (-1, True, False, False),
     "qqq_rot_w4a8/-1": (-1, False, True, True),
     "qqq_rot_heads_w4a8/128": (128, False, True, True, True),
+    "qqq_rot_clip_w4a8/128": (128, False, True, True, False, True),
     # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
     "gptq_w4a16/128": "reference",
     "smoothquant_w8a8/-1": "reference",
@@ -51,6 +52,7 @@ DETAILS = {
     "qqq_w4a8": "adaptive smoothing + GPTQ",
     "qqq_rot_w4a8": "rotation of the residual stream (random orthogonal) + GPTQ",
     "qqq_rot_heads_w4a8": "rotation of the residual stream and per-head V/O (Hadamard) + GPTQ",
+    "qqq_rot_clip_w4a8": "rotation + GPTQ on weight ranges searched for the least rounding error",
     "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
     "smoothquant_w8a8": "SmoothQuant alpha 0.5 (norm->qkv, norm->gate/up), int8 per-channel "
                         "weights (round to nearest), int8 per-token activations",
@@ -95,13 +97,14 @@ def main():
         elif spec is None:
             target, group = model_dir, None
         else:
-            group, smooth, gptq, rotate, *heads = spec
+            group, smooth, gptq, rotate, *more = spec
+            heads, clip = (list(more) + [False, False])[:2]
             target = args.cache / "study" / name.replace("/", "_g")
             if target.exists():
                 shutil.rmtree(target)
             quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                            nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                           rotate=rotate, rotate_heads=bool(heads and heads[0]))
+                           rotate=rotate, rotate_heads=heads, clip=clip)
         if spec != "reference":
             model = load_model(target)
         ppl = perplexity(model, windows)
