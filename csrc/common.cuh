@@ -32,6 +32,14 @@ struct OutType<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
+// An attribute of the current device (host code).
+inline int device_attribute(cudaDeviceAttr attr) {
+  int dev = 0, value = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, attr, dev), "cudaDeviceGetAttribute");
+  return value;
+}
+
 // Raises a kernel's dynamic shared memory limit once (cudaFuncSetAttribute is per function).
 template <auto kernel, int bytes>
 void allow_smem() {

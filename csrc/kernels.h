@@ -28,13 +28,15 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees):
 // first a region the kernels keep zeroed (the mma.sync kernel's split-K sums for 64 rows and one
 // counter per tile), then, at the END of the buffer, the Hopper kernel's split-K partial tiles
-// (1024 x N entries, only for N <= 8192: splits x token rows <= 1024, the launch checks). Anchoring the partials at the end keeps
-// them clear of every layer's zeroed region when the buffer is sized max(zeroed) + max(partial).
+// (kWgmmaPartialRows x N entries, only for N <= 8192; the launch keeps splits x token rows of its
+// tiles within them). Anchoring the partials at the end keeps them clear of every layer's zeroed
+// region when the buffer is sized max(zeroed) + max(partial).
 constexpr int kWgmmaMinM = 17;
+constexpr int kWgmmaPartialRows = 1024;
 inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
 inline int64_t workspace_zeroed_entries(int n) { return 64LL * n + (n + 127) / 128 * 4; }
 inline int64_t workspace_partial_entries(int n) {
-  return n <= 8192 ? int64_t{4} * 256 * n : 0;
+  return n <= 8192 ? int64_t{kWgmmaPartialRows} * n : 0;
 }
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M >= kWgmmaMinM on

@@ -240,12 +240,7 @@ void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 static bool pdl_allowed = true;
 void set_pdl(bool on) { pdl_allowed = on; }
 static bool pdl_supported() {
-  static const bool yes = [] {
-    int dev = 0, major = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
-    return major >= 9;
-  }();
+  static const bool yes = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
   return yes;
 }
 // Whether the launch of the current w4a8_gemm call may be programmatic (its caller asked for it:
@@ -255,12 +250,7 @@ bool pdl_enabled() { return call_pdl; }
 static int wgmma_min_m = kWgmmaMinM;
 void set_wgmma_min_m(int m) { wgmma_min_m = m > 0 ? m : kWgmmaMinM; }
 
-static int sm_count() {
-  int dev = 0, sms = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-  return sms;
-}
+static int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,

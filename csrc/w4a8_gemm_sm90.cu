@@ -365,11 +365,10 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
 
 bool wgmma_available() {
   static const bool yes = [] {
-    int dev = 0, major = 0, minor = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cc");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cc");
-    if (major != 9 || minor != 0) return false;
+    if (device_attribute(cudaDevAttrComputeCapabilityMajor) != 9 ||
+        device_attribute(cudaDevAttrComputeCapabilityMinor) != 0) {
+      return false;
+    }
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;

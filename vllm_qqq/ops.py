@@ -114,8 +114,9 @@ def workspace_zeroed(n: int) -> int:
 
 def workspace_partial(n: int) -> int:
     """int32 entries at the end of the workspace for the Hopper kernel's split-K partial tiles:
-    4 splits x 256 rows x N for N <= 8192 (32 MiB at N = 8192), none above."""
-    return 4 * 256 * n if n <= 8192 else 0
+    1024 rows x N for N <= 8192 (csrc/kernels.h kWgmmaPartialRows; 32 MiB at N = 8192), none
+    above."""
+    return 1024 * n if n <= 8192 else 0
 
 
 def workspace_size(n: int) -> int:
