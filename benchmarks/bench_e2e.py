@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 16, 64, 256)
+# CUDA graph batch sizes: the measured batches and the powers of two between (see the doc above).
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def make_models(workdir: Path, layers: int) -> dict[str, Path]:
@@ -35,7 +37,7 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
     from offline.quantize import quantize_model
 
     fp16 = workdir / "llama3-8b-shaped-fp16"
-    if not fp16.exists():  # written to a sibling, then renamed: a cut-short run leaves no half model
+    if not fp16.exists():  # written to a sibling, then renamed: a cut-short run leaves none
         import shutil
         started = time.perf_counter()
         tmp = fp16.with_name(fp16.name + ".partial")
@@ -225,7 +227,7 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
-    parser.add_argument("--capture-sizes", default="1,2,4,8,16,32,64,128,256",
+    parser.add_argument("--capture-sizes", default=",".join(map(str, CAPTURE_SIZES)),
                         help="CUDA graph batch sizes; 'default' for vLLM's own list")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other formats already in --json")

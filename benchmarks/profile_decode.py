@@ -16,6 +16,8 @@ import random
 import time
 from pathlib import Path
 
+from bench_e2e import CAPTURE_SIZES  # the same CUDA graphs as the throughput bench
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -32,7 +34,7 @@ def main():
     llm = LLM(str(args.model), quantization=args.quantization, skip_tokenizer_init=True,
               max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.85,
               attention_backend="TRITON_ATTN", seed=0,
-              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256]})
+              compilation_config={"cudagraph_capture_sizes": list(CAPTURE_SIZES)})
     rng = random.Random(0)
     report = {"model": str(args.model), "quantization": args.quantization, "batches": {}}
     for batch in [int(b) for b in args.batches.split(",")]:

@@ -38,10 +38,11 @@ class Grid:
             gmax = w3.abs().amax(dim=2).clamp_min(_TINY)
             factor = 1.0
             if clip:
-                errors = torch.stack([_group_error(w3, self.channel, _group_scale(gmax * c, self.channel))
-                                      for c in CLIPS])
+                errors = torch.stack([
+                    _group_error(w3, self.channel, _fp16_group_scales(gmax * c, self.channel))
+                    for c in CLIPS])
                 factor = _best(errors)
-            self.group = _group_scale(gmax * factor, self.channel).t()  # [K/G, N]
+            self.group = _fp16_group_scales(gmax * factor, self.channel).t()  # [K/G, N]
             self._group_f = self.group.float()
 
     def _group_scale(self, k0: int, cols: int) -> torch.Tensor:
@@ -89,9 +90,10 @@ def rtn(weight: torch.Tensor, group_size: int, clip: bool = False) -> QQQWeight:
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
-def _group_scale(gmax: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+def _fp16_group_scales(gmax: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     """fp16 group scales [N, G] that map gmax to code 8 +- 7 on the channel's int8 step."""
-    return (gmax / (7 * channel[:, None])).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+    scales = (gmax / (7 * channel[:, None])).to(torch.float16)
+    return scales.clamp_min(torch.finfo(torch.float16).tiny)
 
 
 def _group_error(w3: torch.Tensor, channel: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
