@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
 #   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm e2e profile
-#   serve decode-diag
+#   serve decode-diag ncu
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +71,19 @@ for step in "$@"; do
         --concurrency 16 --duration "${SERVE_AUTO_S:-20}" --serve-args "$sa" \
         --json "$out/serve_qqq_g128_autodetect.json" --log /tmp/serve_auto.log 2>&1 | tail -22 || status=1
       tail -c 20000 /tmp/serve_auto.log > "$out/serve_qqq_g128_autodetect.log"
+      ;;
+    ncu)
+      # Nsight Compute on single launches (NCU_RUNS: impl:shape:M:kernel-regex, space separated):
+      # speed of light, memory and warp-stall sections, one report per run in ncu.log.
+      sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats"
+      for run in ${NCU_RUNS:-qqq_channel:gate_up:4096:w4a8 qqq_channel:gate_up:128:w4a8 qqq_channel:gate_up:1:w4a8 qqq_channel:qkv:1:w4a8|quant w8a8_cutlass:gate_up:4096:cutlass|Kernel}; do
+        IFS=: read -r impl shape m regex <<< "$run"
+        echo "##### $impl $shape M=$m" | tee -a "$out/ncu.log"
+        (cd benchmarks && ncu --clock-control none --kernel-name "regex:$regex" --launch-skip 2 \
+          --launch-count $([[ $regex == *quant* ]] && echo 2 || echo 1) $sections \
+          python3 profile_gemm.py --impl $impl --shape $shape --m $m) >> "$out/ncu.log" 2>&1 || status=1
+      done
+      grep -E "^#####|Duration|Throughput|Pipe|Stall|Issued|Eligible|Registers|Achieved Occ|Bank" "$out/ncu.log" | head -150
       ;;
     decode-diag)
       for mode in "" --eager; do
