@@ -69,34 +69,54 @@ __global__ void __launch_bounds__(kThreads, 2)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::A_BYTES + T::B_BYTES);
   };
 
-  auto load_a = [&](int s, int kb) {
-    // A: BM rows x 8 chunks of 16 bytes; chunk c of row r stored at chunk c ^ (r % 8).
-    uint8_t* sa = stage_a(s);
-    for (int i = tid; i < T::BM * 8; i += kThreads) {
-      const int r = i / 8, c = i % 8;
-      const bool ok = m0 + r < m;
-      const int8_t* src = a + (static_cast<size_t>(ok ? m0 + r : 0) * k + kb * kBK + c * 16);
-      cp_async16(sa + r * kBK + ((c ^ (r % 8)) * 16), src, ok);
-    }
-  };
-  auto load_b = [&](int s, int kb) {
-    // B: 4 k32 steps x 16 n8 tiles x 32 words, each step 2 KB contiguous in global memory.
-    uint32_t* sb = stage_b(s);
-    for (int i = tid; i < T::B_BYTES / 16; i += kThreads) {
-      const int step = i / 128, rest = i % 128;  // rest: 16-byte chunk inside the step
-      const int t = rest / 8;                     // n8 tile within the CTA tile
-      const bool ok = n0 / 8 + t < n8_tiles;
-      const uint32_t* src =
-          b + ((static_cast<size_t>(kb * 4 + step) * n8_tiles + (ok ? n0 / 8 : 0)) * 32 +
-               rest * 4);
-      cp_async16(sb + step * 512 + rest * 4, src, ok);
-    }
-    if constexpr (GROUPED) {
-      if (tid < kBN / 8) {
-        const bool ok = n0 + tid * 8 < n;
-        const half* src = group + static_cast<size_t>(kb) * n + (ok ? n0 + tid * 8 : 0);
-        cp_async16(stage_s(s) + tid * 8, src, ok);
+  // Each thread copies the same 16-byte pieces of every stage, 128 k further along: their
+  // addresses are computed once (as in w4a8_gemm_sm90.cu). A: chunk a_chunk of rows a_row + 32 j,
+  // stored at chunk a_chunk ^ (row % 8); rows past M are zero-filled.
+  constexpr int kARowsPerPass = kThreads / 8;
+  constexpr int kACopies = (T::BM + kARowsPerPass - 1) / kARowsPerPass;
+  const int a_row = tid / 8, a_chunk = tid % 8;
+  const int a_dst = a_row * kBK + ((a_chunk ^ (a_row % 8)) * 16);
+  const int a_rows_left = m - m0 - a_row;
+  const int8_t* a_src = a + static_cast<size_t>(m0 + a_row) * k +
+                        static_cast<size_t>(kb_begin) * kBK + a_chunk * 16;
+  // B: 4 k32 steps x 16 n8 tiles x 32 words per stage (each step 2 KB contiguous in global
+  // memory); this thread's chunk b_rest of steps b_step + 2 j. Channels past N are zero-filled.
+  constexpr int kBStepsPerPass = kThreads / kBN;
+  constexpr int kBCopies = (kBK / 32) / kBStepsPerPass;
+  static_assert(kThreads % kBN == 0 && (kBK / 32) % kBStepsPerPass == 0, "whole B passes");
+  const int b_step = tid / kBN, b_rest = tid % kBN;
+  const bool b_ok = n0 / 8 + b_rest / 8 < n8_tiles;
+  const int b_dst = (b_step * kBN + b_rest) * 4;
+  const uint32_t* b_src = b + (static_cast<size_t>(kb_begin * 4 + b_step) * n8_tiles +
+                               (b_ok ? n0 / 8 : 0)) * 32 + b_rest * 4;
+  const bool g_ok = tid < kBN / 8 && n0 + tid * 8 < n;
+  const half* g_src = GROUPED ? group + static_cast<size_t>(kb_begin) * n + (g_ok ? n0 + tid * 8 : 0)
+                              : nullptr;
+
+  // Each call loads the next stage of its operand into slot s.
+  auto load_a = [&](int s) {
+    uint8_t* sa = stage_a(s) + a_dst;
+#pragma unroll
+    for (int j = 0; j < kACopies; j++) {
+      if (a_row + j * kARowsPerPass < T::BM) {
+        const bool ok = j * kARowsPerPass < a_rows_left;
+        cp_async16(sa + j * kARowsPerPass * kBK,
+                   ok ? a_src + static_cast<size_t>(j) * kARowsPerPass * k : a, ok);
       }
+    }
+    a_src += kBK;
+  };
+  auto load_b = [&](int s) {
+    uint32_t* sb = stage_b(s) + b_dst;
+#pragma unroll
+    for (int j = 0; j < kBCopies; j++) {
+      cp_async16(sb + j * kBStepsPerPass * kBN * 4,
+                 b_src + static_cast<size_t>(j) * kBStepsPerPass * n8_tiles * 32, b_ok);
+    }
+    b_src += static_cast<size_t>(kBK / 32) * n8_tiles * 32;
+    if constexpr (GROUPED) {
+      if (tid < kBN / 8) cp_async16(stage_s(s) + tid * 8, g_src, g_ok);
+      g_src += n;
     }
   };
 
@@ -112,12 +132,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   // activations (programmatic dependent launch); they join the first cp.async group.
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
-    if (s < iters) load_b(s, kb_begin + s);
+    if (s < iters) load_b(s);
   }
   wait_for_prior_grid();
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
-    if (s < iters) load_a(s, kb_begin + s);
+    if (s < iters) load_a(s);
     cp_async_commit();
   }
 
@@ -125,8 +145,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_wait<kStages - 2>();
     __syncthreads();
     if (it + kStages - 1 < iters) {
-      load_a((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
-      load_b((it + kStages - 1) % kStages, kb_begin + it + kStages - 1);
+      load_a((it + kStages - 1) % kStages);
+      load_b((it + kStages - 1) % kStages);
     }
     cp_async_commit();
 

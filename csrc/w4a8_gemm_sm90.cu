@@ -82,35 +82,55 @@ __global__ void __launch_bounds__(kThreads, 1)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::X_BYTES + T::W_BYTES);
   };
 
-  auto load_x = [&](int s, int kb) {
-    // Activations: BM rows of 128 bytes, chunk c of row r at chunk c ^ (r % 8); rows past M are
-    // zero-filled.
-    uint8_t* sx = stage_x(s);
-#pragma unroll 4
-    for (int i = tid; i < BM * 8; i += kThreads) {
-      const int r = i / 8, c = i % 8;
-      const bool ok = m0 + r < m;
-      const int8_t* src = a + (static_cast<size_t>(ok ? m0 + r : 0) * k + kb * kBK + c * 16);
-      cp_async16(sx + r * kBK + ((c ^ (r % 8)) * 16), src, ok);
-    }
-  };
-  auto load_w = [&](int s, int kb) {
-    // Weights: 4 k32 steps x kBN / 8 n8 tiles x 32 words; kBN 16-byte chunks per step.
-    uint32_t* sw = stage_w(s);
+  // Each thread copies the same 16-byte pieces of every stage, 128 k further along, so their
+  // addresses are computed once here (the generic per-piece index arithmetic was ~2/3 of the
+  // loop's instructions, measured in the SASS; the loop is bound by its instruction stream).
+  // Activations: chunk x_chunk of rows x_row + 32 j, stored at chunk x_chunk ^ (row % 8) (the
+  // 128B swizzle); rows past M are zero-filled.
+  constexpr int kXRowsPerPass = kThreads / 8;
+  constexpr int kXCopies = BM / kXRowsPerPass;
+  static_assert(BM % kXRowsPerPass == 0, "whole passes over the activation rows");
+  const int x_row = tid / 8, x_chunk = tid % 8;
+  const int x_dst = x_row * kBK + ((x_chunk ^ (x_row % 8)) * 16);
+  const int x_rows_left = m - m0 - x_row;
+  const int8_t* x_src = a + static_cast<size_t>(m0 + x_row) * k +
+                        static_cast<size_t>(kb_begin) * kBK + x_chunk * 16;
+  // Weights: 4 k32 steps x kBN / 8 n8 tiles x 32 words per stage; this thread's chunk w_rest of
+  // steps w_step + 2 j. Channels past N (a last half tile) are zero-filled.
+  constexpr int kWStepsPerPass = kThreads / kBN;
+  constexpr int kWCopies = (kBK / 32) / kWStepsPerPass;
+  static_assert(kThreads % kBN == 0 && (kBK / 32) % kWStepsPerPass == 0, "whole weight passes");
+  const int w_step = tid / kBN, w_rest = tid % kBN;
+  const bool w_ok = n0 / 8 + w_rest / 8 < n8_tiles;
+  const int w_dst = (w_step * kBN + w_rest) * 4;
+  const uint32_t* w_src = b + (static_cast<size_t>(kb_begin * 4 + w_step) * n8_tiles +
+                               (w_ok ? n0 / 8 : 0)) * 32 + w_rest * 4;
+  const bool g_ok = tid < kBN / 8 && n0 + tid * 8 < n;
+  const half* g_src = GROUPED ? group + static_cast<size_t>(kb_begin) * n + (g_ok ? n0 + tid * 8 : 0)
+                              : nullptr;
+
+  // Each call loads the next stage of its operand into slot s.
+  auto load_x = [&](int s) {
+    uint8_t* sx = stage_x(s) + x_dst;
 #pragma unroll
-    for (int i = tid; i < T::W_BYTES / 16; i += kThreads) {
-      const int step = i / kBN, rest = i % kBN;
-      const bool ok = n0 / 8 + rest / 8 < n8_tiles;
-      const uint32_t* src = b + ((static_cast<size_t>(kb * 4 + step) * n8_tiles +
-                                  (ok ? n0 / 8 : 0)) * 32 + rest * 4);
-      cp_async16(sw + step * kBN * 4 + rest * 4, src, ok);
+    for (int j = 0; j < kXCopies; j++) {
+      const bool ok = j * kXRowsPerPass < x_rows_left;
+      cp_async16(sx + j * kXRowsPerPass * kBK,
+                 ok ? x_src + static_cast<size_t>(j) * kXRowsPerPass * k : a, ok);
     }
+    x_src += kBK;
+  };
+  auto load_w = [&](int s) {
+    uint32_t* sw = stage_w(s) + w_dst;
+#pragma unroll
+    for (int j = 0; j < kWCopies; j++) {
+      cp_async16(sw + j * kWStepsPerPass * kBN * 4,
+                 w_src + static_cast<size_t>(j) * kWStepsPerPass * n8_tiles * 32, w_ok);
+    }
+    w_src += static_cast<size_t>(kBK / 32) * n8_tiles * 32;
     if constexpr (GROUPED) {
-      if (tid < kBN / 8) {
-        const bool ok = n0 + tid * 8 < n;
-        const half* src = group + static_cast<size_t>(kb) * n + (ok ? n0 + tid * 8 : 0);
-        cp_async16(stage_s(s) + tid * 8, src, ok);
-      }
+      if (tid < kBN / 8) cp_async16(stage_s(s) + tid * 8, g_src, g_ok);
+      g_src += n;
     }
   };
 
@@ -121,12 +141,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // activations (programmatic dependent launch); they join the first cp.async group.
 #pragma unroll
   for (int s = 0; s < kStages - 2; s++) {
-    if (s < iters) load_w(s, kb_begin + s);
+    if (s < iters) load_w(s);
   }
   wait_for_prior_grid();
 #pragma unroll
   for (int s = 0; s < kStages - 2; s++) {
-    if (s < iters) load_x(s, kb_begin + s);
+    if (s < iters) load_x(s);
     cp_async_commit();
   }
 
@@ -139,11 +159,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<kStages - 3>();
     fence_proxy_async();
     __syncthreads();
-    if (it + kStages - 2 < iters) {
-      load_x((it + kStages - 2) % kStages, kb_begin + it + kStages - 2);
-      load_w((it + kStages - 2) % kStages, kb_begin + it + kStages - 2);
-    }
-    cp_async_commit();
 
     const int s = it % kStages;
     const uint32_t* sw = stage_w(s);
@@ -193,6 +208,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     wgmma_commit();
+    // The loads go out after this stage's wgmmas, so the tensor cores start first. Their slot
+    // held stage it - 2, whose wgmmas both warpgroups waited for before this iteration's barrier.
+    if (it + kStages - 2 < iters) {
+      load_x((it + kStages - 2) % kStages);
+      load_w((it + kStages - 2) % kStages);
+    }
+    cp_async_commit();
     wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
   }
   wgmma_wait<0>();
