@@ -170,7 +170,7 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     **{f"qqq_tile_{bm}x{st}": setup_qqq_tile(bm, st)
-       for bm, st in ((64, 4), (64, 8), (128, 4), (256, 4))},
+       for bm, st in ((64, 4), (64, 8), (128, 3), (128, 4), (128, 6), (256, 4))},
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

@@ -17,7 +17,8 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
-// group scales [K/128, N]. workspace: zeroed int32 of ops.workspace_size(n) entries, left zeroed.
+// group scales [K/128, N]. workspace: int32 of ops.workspace_size(n) entries, its counters zeroed
+// and left zeroed.
 // after_quant: the kernel right before this call in the stream is quant_per_token writing a and
 // a_scale, and nothing this GEMM reads besides them; then (sm_90+) the GEMM is launched to start
 // early and prefetch its weights while the quantization finishes (programmatic dependent launch).
@@ -25,18 +26,20 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream);
 
-// The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees):
-// first a region the kernels keep zeroed (the mma.sync kernel's split-K sums for 64 rows and one
-// counter per tile), then, at the END of the buffer, the Hopper kernel's split-K partial tiles
-// (kWgmmaPartialRows x N entries, only for N <= 8192; the launch keeps splits x token rows of its
-// tiles within them). Anchoring the partials at the end keeps them clear of every layer's zeroed
-// region when the buffer is sized max(zeroed) + max(partial).
+// The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
+// one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes
+// last), then, at the END of the buffer, the split-K partial tiles: kWgmmaPartialRows x N entries
+// for N <= 8192 (the Hopper kernel's tiles up to 256 tokens), kSplitPartialRows x N above (the
+// mma.sync kernel's 16-token tiles, up to 4 splits); each launch keeps splits x token rows of its
+// tiles within them. Anchoring the partials at the end keeps them clear of every layer's counters
+// when the buffer is sized max(counters) + max(partials).
 constexpr int kWgmmaMinM = 17;
 constexpr int kWgmmaPartialRows = 1024;
+constexpr int kSplitPartialRows = 64;
 inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
-inline int64_t workspace_zeroed_entries(int n) { return 64LL * n + (n + 127) / 128 * 4; }
+inline int64_t workspace_zeroed_entries(int n) { return (n + 127) / 128 * 4; }
 inline int64_t workspace_partial_entries(int n) {
-  return n <= 8192 ? int64_t{kWgmmaPartialRows} * n : 0;
+  return int64_t{n <= 8192 ? kWgmmaPartialRows : kSplitPartialRows} * n;
 }
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M >= kWgmmaMinM on

@@ -9,9 +9,10 @@
 // int8 grid exactly; the loader has checked it cannot overflow).
 //
 // Small M (<= 64) does not fill the GPU with N / 128 tiles, so K is split over blockIdx.z: each
-// split adds its int32 partial sums into the workspace with atomics (exact, so the result does not
-// depend on the order), and the last split of a tile to finish applies the epilogue and zeroes
-// its part of the workspace again for the next call.
+// split stores its int32 partial tile to the workspace with plain stores, and the last split of a
+// tile to finish (an atomic counter) adds them in order and applies the epilogue. (Adding into a
+// zeroed buffer with atomics instead was measured slower on the H100 at M = 16: the atomics and
+// the fence after them stalled the warps; NOTES.md "GEMM".)
 #include <algorithm>
 
 #include "common.cuh"
@@ -23,7 +24,7 @@ namespace qqq {
 constexpr int kThreads = 256;
 constexpr int kBN = 128;
 constexpr int kBK = 128;
-constexpr int kSplitMaxM = 64;  // ops.SPLITK_MAX_M
+constexpr int kSplitMaxM = 64;  // rows up to which K may be split
 
 template <int MT, int NT, int WARPS_M, int WARPS_N>
 struct Tile {
@@ -45,8 +46,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     w4a8_gemm_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                      const uint32_t* __restrict__ b, const float* __restrict__ scale,
                      const half* __restrict__ group, const Out* __restrict__ bias,
-                     Out* __restrict__ out, int m, int n, int k, int* __restrict__ ws_acc,
-                     int* __restrict__ ws_count) {
+                     Out* __restrict__ out, int m, int n, int k,
+                     int* __restrict__ ws_partial, int* __restrict__ ws_count) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
   constexpr int kStages = T::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -214,24 +215,26 @@ __global__ void __launch_bounds__(kThreads, 2)
     return;
   }
 
-  // Split K: accumulate, then the last split of this tile finishes it.
+  // Split K: this split's partial tile (its valid rows) goes to its own slot of the workspace;
+  // the last split of the tile to finish adds the slots in split order and applies the epilogue.
+  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
+  auto partial = [&](int split, int r, int c) {
+    return reinterpret_cast<int2*>(
+        ws_partial + ((static_cast<size_t>(tile) * splits + split) * T::BM + r) * kBN + c);
+  };
 #pragma unroll
   for (int i = 0; i < MT; i++)
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
-        const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
-        if (row < m && col < n) {
-          atomicAdd(ws_acc + static_cast<size_t>(row) * n + col, acc[i][j][2 * h]);
-          atomicAdd(ws_acc + static_cast<size_t>(row) * n + col + 1, acc[i][j][2 * h + 1]);
-        }
+        const int r = wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+        const int c = (wn * NT + j) * 8 + (lane % 4) * 2;
+        if (m0 + r < m) __stcg(partial(blockIdx.z, r, c), make_int2(acc[i][j][2 * h], acc[i][j][2 * h + 1]));
       }
   __threadfence();
   __syncthreads();
   __shared__ int last;
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
   if (tid == 0) last = atomicAdd(ws_count + tile, 1) == splits - 1;
   __syncthreads();
   if (!last) return;
@@ -242,17 +245,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int j = 0; j < NT; j++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
-        const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
-        if (row < m && col < n) {
-          int* p = ws_acc + static_cast<size_t>(row) * n + col;
-          const int v0 = __ldcg(p), v1 = __ldcg(p + 1);
-          p[0] = 0;
-          p[1] = 0;
-          finish(row, col, v0, v1);
+        const int r = wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+        const int c = (wn * NT + j) * 8 + (lane % 4) * 2;
+        if (m0 + r < m && n0 + c < n) {
+          int v0 = 0, v1 = 0;
+          for (int split = 0; split < splits; split++) {
+            const int2 p = __ldcg(partial(split, r, c));
+            v0 += p.x;
+            v1 += p.y;
+          }
+          finish(m0 + r, n0 + c, v0, v1);
         }
       }
-  if (tid == 0) ws_count[tile] = 0;
+  if (tid == 0) ws_count[tile] = 0;  // ready for the next call
 }
 
 static bool wgmma_enabled = true;
@@ -275,53 +280,52 @@ static int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount);
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
-                   int* workspace, cudaStream_t stream) {
+                   int* ws_partial, int* ws_count, cudaStream_t stream) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
   constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, GROUPED>;
   const int n_tiles = (n + kBN - 1) / kBN, m_tiles = (m + T::BM - 1) / T::BM;
   int splits = 1;
   if (m <= kSplitMaxM) {
-    // Up to two CTAs per SM, each split keeping at least two k blocks to pipeline. Splitting
-    // further (3 CTAs per SM, or split-K up to M = 256) was measured slower: the int32 atomics
-    // into the workspace then cost more than the parallelism gains.
+    // Up to two CTAs per SM, each split keeping at least two k blocks to pipeline, and the
+    // partial tiles within the workspace's partial region. Splitting further (3 CTAs per SM)
+    // was measured slower.
     static const int sms = sm_count();
     const int tiles = n_tiles * m_tiles;
-    splits = std::max(1, std::min((2 * sms) / tiles, (k / kBK) / 2));
+    const int fit = static_cast<int>(workspace_partial_entries(n) / (int64_t{tiles} * T::BM * kBN));
+    splits = std::max(1, std::min({(2 * sms) / tiles, (k / kBK) / 2, fit}));
   }
-  int* ws_acc = workspace;
-  int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
   allow_smem<kernel, T::SMEM_BYTES>();
   launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), T::SMEM_BYTES, stream,
                 "w4a8_gemm launch", a, a_scale, b, scale, group, static_cast<const Out*>(bias),
-                static_cast<Out*>(out), m, n, k, ws_acc, ws_count);
+                static_cast<Out*>(out), m, n, k, ws_partial, ws_count);
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
-                   int* workspace, cudaStream_t stream) {
+                   int* ws_partial, int* ws_count, cudaStream_t stream) {
   if (group != nullptr) {
     launch<Out, MT, NT, WARPS_M, WARPS_N, true>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                                workspace, stream);
+                                                ws_partial, ws_count, stream);
   } else {
     launch<Out, MT, NT, WARPS_M, WARPS_N, false>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                                 workspace, stream);
+                                                 ws_partial, ws_count, stream);
   }
 }
 
 template <typename Out>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
-                     int* workspace, cudaStream_t stream) {
+                     int* ws_partial, int* ws_count, cudaStream_t stream) {
   // The tile is chosen from M here, inside the op: vLLM's compiled graphs must not bake it in.
   if (m <= 16) {
-    launch<Out, 1, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+    launch<Out, 1, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, stream);
   } else if (m <= 32) {
-    launch<Out, 2, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+    launch<Out, 2, 2, 1, 8>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, stream);
   } else if (m <= 64) {
-    launch<Out, 2, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+    launch<Out, 2, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, stream);
   } else {
-    launch<Out, 4, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, workspace, stream);
+    launch<Out, 4, 4, 2, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, stream);
   }
 }
 
@@ -341,18 +345,18 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (m == 0) return;
   call_pdl = after_quant && pdl_allowed && pdl_supported();
   const half* g = static_cast<const half*>(group);
+  int* ws_count = workspace;
+  int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
   if (m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();
-    int* ws_count = workspace + static_cast<size_t>(kSplitMaxM) * n;
-    int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
     w4a8_gemm_wgmma(a, a_scale, b, scale, g, bias, out, out_dtype, m, n, k, ws_partial, ws_count,
                     sms, stream);
     return;
   }
   if (out_dtype == kFloat16) {
-    dispatch<half>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
+    dispatch<half>(a, a_scale, b, scale, g, bias, out, m, n, k, ws_partial, ws_count, stream);
   } else {
-    dispatch<__nv_bfloat16>(a, a_scale, b, scale, g, bias, out, m, n, k, workspace, stream);
+    dispatch<__nv_bfloat16>(a, a_scale, b, scale, g, bias, out, m, n, k, ws_partial, ws_count, stream);
   }
 }
 

@@ -159,6 +159,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<kStages - 3>();
     fence_proxy_async();
     __syncthreads();
+    // The slot of stage it - 2 is free: both warpgroups waited for its wgmmas before this barrier.
+    if (it + kStages - 2 < iters) {
+      load_x((it + kStages - 2) % kStages);
+      load_w((it + kStages - 2) % kStages);
+    }
+    cp_async_commit();
 
     const int s = it % kStages;
     const uint32_t* sw = stage_w(s);
@@ -208,13 +214,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     wgmma_commit();
-    // The loads go out after this stage's wgmmas, so the tensor cores start first. Their slot
-    // held stage it - 2, whose wgmmas both warpgroups waited for before this iteration's barrier.
-    if (it + kStages - 2 < iters) {
-      load_x((it + kStages - 2) % kStages);
-      load_w((it + kStages - 2) % kStages);
-    }
-    cp_async_commit();
     wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
   }
   wgmma_wait<0>();
@@ -376,7 +375,9 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   }
   QQQ_TILE(64, 4)
   QQQ_TILE(64, 8)
+  QQQ_TILE(128, 3)
   QQQ_TILE(128, 4)
+  QQQ_TILE(128, 6)
   QQQ_TILE(256, 4)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +

@@ -24,6 +24,7 @@ SHAPES = {
     "llama3_down": (14336, 4096), "llama2_gate_up": (4096, 22016), "llama2_down": (11008, 4096),
     "qwen_qkv": (1536, 2048), "qwen_gate_up": (1536, 17920), "qwen_down": (8960, 1536),
     "small_partial_n": (256, 192),
+    "wide_partial_n": (1024, 8256),  # N > 8192: the small split-K partial region, a half tile
 }
 # Full M sweep on a few shapes, a cheaper sweep on the rest.
 CASES = [(s, m) for s in ("llama3_qkv", "llama3_down", "qwen_down", "small_partial_n")
@@ -76,7 +77,7 @@ def test_gemm_matches_reference(shape, m, g):
 @pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("shape,m", [("llama3_qkv", 17), ("qwen_down", 64),
                                      ("small_partial_n", 65), ("llama3_down", 257),
-                                     ("qwen_qkv", 1024)])
+                                     ("qwen_qkv", 1024), ("wide_partial_n", 40)])
 def test_mma_kernel_above_16_matches_reference(shape, m, g):
     """With wgmma switched off (as on sm_80), M > 16 runs the mma.sync kernel: still exact."""
     from vllm_qqq import _C
@@ -167,8 +168,9 @@ def test_wgmma_kernel_is_used_on_hopper():
 
 
 def test_layers_of_different_n_share_the_workspace():
-    """Like a model's layers: one buffer, N = 4096 and 6144, alternating the Hopper split-K
-    (M = 128 writes partial tiles) and the mma.sync split-K (M = 1 needs its zeroed sums)."""
+    """Like a model's layers: one buffer, N = 4096, 6144 and 28672, alternating the Hopper
+    split-K (M = 128) and the mma.sync split-K (M = 1, 16), which share the counters and the
+    partial region."""
     layers = [make_layer(4096, n, -1, seed=n) for n in (6144, 4096, 28672)]
     for n in (6144, 4096, 28672):
         ws = ops.workspace("cuda", n)

@@ -26,7 +26,6 @@ except ImportError:  # built without CUDA: the reference path runs instead
 
 KERNEL_BK = 128  # K of one pipeline stage; also the only group size
 KERNEL_BN = 64  # N granularity the kernel accepts (partial 128-wide tiles are masked)
-SPLITK_MAX_M = 64  # rows up to which the GEMM may split K, accumulating in the workspace
 
 
 def kernels_available() -> bool:
@@ -107,16 +106,16 @@ _workspaces: dict[torch.device, tuple[torch.Tensor, int, int]] = {}
 
 
 def workspace_zeroed(n: int) -> int:
-    """int32 entries the kernels keep zeroed (csrc/kernels.h): the mma.sync kernel's split-K sums
-    for SPLITK_MAX_M rows, then one counter per tile."""
-    return SPLITK_MAX_M * n + (n + 127) // 128 * (SPLITK_MAX_M // 16)
+    """int32 entries the kernels keep zeroed (csrc/kernels.h): one split-K counter per tile of
+    128 channels and up to 4 token tiles."""
+    return (n + 127) // 128 * 4
 
 
 def workspace_partial(n: int) -> int:
-    """int32 entries at the end of the workspace for the Hopper kernel's split-K partial tiles:
-    1024 rows x N for N <= 8192 (csrc/kernels.h kWgmmaPartialRows; 32 MiB at N = 8192), none
-    above."""
-    return 1024 * n if n <= 8192 else 0
+    """int32 entries at the end of the workspace for the split-K partial tiles (csrc/kernels.h):
+    1024 rows x N for N <= 8192 (kWgmmaPartialRows; 32 MiB at N = 8192), 64 rows x N above
+    (kSplitPartialRows: the small-M kernel's tiles)."""
+    return (1024 if n <= 8192 else 64) * n
 
 
 def workspace_size(n: int) -> int:
