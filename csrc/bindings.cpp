@@ -45,5 +45,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def("set_wgmma_tile", &qqq::set_wgmma_tile, py::arg("bm"), py::arg("stages"),
-        "Tuning/tests: force the Hopper kernel's tile (bm tokens x stages); bm = 0: by M.");
+        py::arg("registers_a") = false,
+        "Tuning/tests: force the Hopper kernel's tile (bm tokens x stages, the decoded weights "
+        "from registers or shared memory); bm = 0: by M.");
 }

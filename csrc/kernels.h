@@ -57,7 +57,8 @@ void set_wgmma_enabled(bool on);
 void set_wgmma_min_m(int m);
 // Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
 void set_pdl(bool on);
-// Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages; bm = 0: chosen by M.
-void set_wgmma_tile(int bm, int stages);
+// Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the decoded weights fed to
+// wgmma from registers or shared memory; bm = 0: chosen by M.
+void set_wgmma_tile(int bm, int stages, bool registers_a);
 
 }  // namespace qqq

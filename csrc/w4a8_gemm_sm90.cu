@@ -1,14 +1,17 @@
 // W4A8 GEMM for Hopper (sm_90a) and M > 16: the product of w4a8_gemm.cu computed transposed,
 // out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
-// M) and the CTA's BM tokens are wgmma's N; both operands come from 128B-swizzled shared memory.
+// M) and the CTA's BM tokens are wgmma's N; the activations come from 128B-swizzled shared memory.
 //
 // Per stage of 128 k: cp.async brings the int8 activations (BM x 128) and the 4-bit weights (the
-// kernel layout of vllm_qqq/ops.py) into a ring of STAGES slots; each warpgroup decodes its weights to
-// int8 (decode.cuh) into its own double-buffered A tile and issues 4 wgmma m64nBMk32, keeping one
-// stage in flight while it decodes the next. Measured on the H100 against the alternatives (gate_up
-// K=4096 N=28672 M=4096): decoded A in registers fed to wgmma directly, waiting per stage, 1320 us;
-// the same with a stage in flight, 1252 us (ptxas serializes register-A wgmmas whose inputs are
-// written while another is in flight, C7513); this shared-memory A, 1191 us; mma.sync 1942 us.
+// kernel layout of vllm_qqq/ops.py) into a ring of STAGES slots; each warpgroup decodes its
+// weights to int8 (decode.cuh) and issues 4 wgmma m64nBMk32. The decoded weights go to wgmma
+// either through a double-buffered shared-memory A tile per warpgroup (SS: one stage's wgmmas
+// stay in flight while the next stage decodes) or straight from registers (RS: ptxas then
+// serializes each stage's wgmmas with the next decode, C7513, but the CTA needs 32 KB less shared
+// memory, so two 128-token CTAs share an SM and their four warpgroups keep the tensor cores busy;
+// see choose_tile). Measured on the H100 (NOTES.md "GEMM"): the loop was bound by its instruction
+// stream, not by memory or the tensor cores, until each thread's copy addresses were computed
+// once (gate_up M=4096: 1335 -> 933 us).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
 // waits on memory rather than on the tensor cores.
@@ -21,6 +24,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 #include "decode.cuh"
@@ -37,7 +41,7 @@ constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 
 // BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
 // STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded).
-template <int BM, int STAGES>
+template <int BM, int STAGES, bool RS>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
   static constexpr int X_BYTES = BM * kBK;
@@ -45,14 +49,15 @@ struct Tile {
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
-  static constexpr int A_BYTES = kWarpgroups * 2 * 64 * kBK;  // decoded weights, 2 buffers
+  // Decoded weights, 2 buffers per warpgroup, unless they go to wgmma from registers (RS).
+  static constexpr int A_BYTES = RS ? 0 : kWarpgroups * 2 * 64 * kBK;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
   static constexpr int ACC_PITCH = kBN + 4;  // staged int32 row: conflict-free writes, 16B rows
   static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
-template <typename Out, int BM, int STAGES, bool GROUPED>
+template <typename Out, int BM, int STAGES, bool GROUPED, bool RS>
 __global__ void __launch_bounds__(kThreads, 1)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
@@ -60,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            Out* __restrict__ out, int m, int n, int k,
                            int* __restrict__ ws_partial, int* __restrict__ ws_count) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM, STAGES>;
+  using T = Tile<BM, STAGES, RS>;
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -155,7 +160,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tile0 = (warp / 4) * 8 + (warp % 4) * 2;
   const int row = (warp % 4) * 16 + lane / 4;
   int acc[BM / 2];  // set by the first wgmma (accumulate = false); K >= 128 is checked
-  for (int it = 0; it < iters; it++) {
+  // The decoded weights of a stage in the wgmma A-fragment order (RS): two buffers, by the
+  // stage's parity, so a stage decodes while the previous one's wgmmas still read theirs.
+  uint32_t afrag[2][kBK / 32][4];
+  auto stage = [&](auto parity, int it) {
+    constexpr int p = decltype(parity)::value;
     cp_async_wait<kStages - 3>();
     fence_proxy_async();
     __syncthreads();
@@ -174,9 +183,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_hi = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4])) *
              0x10001u;
     }
-    // Decode into this warpgroup's A buffer for this stage's parity, 128B-swizzled like the
-    // activations: the fragment words of k32 step ks land in chunks 2 ks (b0) and 2 ks + 1 (b1).
-    uint8_t* sa = smem + kStages * T::STAGE_BYTES + ((warp / 4) * 2 + (it & 1)) * 64 * kBK;
+    // Decode: for k32 step ks, lo = rows `row`, hi = rows row + 8; [0] k 0-15, [1] k 16-31.
+    // SS: into this warpgroup's A buffer for this parity, 128B-swizzled like the activations
+    // (the words of step ks land in chunks 2 ks and 2 ks + 1). RS: into afrag[p].
+    uint8_t* sa = smem + kStages * T::STAGE_BYTES + ((warp / 4) * 2 + p) * 64 * kBK;
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint32_t w_lo = sw[ks * kBN * 4 + tile0 * 32 + lane];
@@ -189,32 +199,63 @@ __global__ void __launch_bounds__(kThreads, 1)
         decode_channel(w_lo, lo[0], lo[1]);
         decode_channel(w_hi, hi[0], hi[1]);
       }
+      if constexpr (RS) {
+        afrag[p][ks][0] = lo[0];
+        afrag[p][ks][1] = hi[0];
+        afrag[p][ks][2] = lo[1];
+        afrag[p][ks][3] = hi[1];
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int off = ((2 * ks + h) ^ (lane / 4)) * 16 + (lane % 4) * 4;
-        *reinterpret_cast<uint32_t*>(sa + row * kBK + off) = lo[h];
-        *reinterpret_cast<uint32_t*>(sa + (row + 8) * kBK + off) = hi[h];
+        for (int h = 0; h < 2; h++) {
+          const int off = ((2 * ks + h) ^ (lane / 4)) * 16 + (lane % 4) * 4;
+          *reinterpret_cast<uint32_t*>(sa + row * kBK + off) = lo[h];
+          *reinterpret_cast<uint32_t*>(sa + (row + 8) * kBK + off) = hi[h];
+        }
       }
     }
-    fence_proxy_async();
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warp / 4) : "memory");  // this warpgroup
+    if constexpr (!RS) {
+      fence_proxy_async();
+      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warp / 4) : "memory");  // this warpgroup
+    }
 
     const uint32_t a_base = smem_addr(sa), x_base = smem_addr(stage_x(s));
+    if constexpr (RS) {
+#pragma unroll
+      for (int ks = 0; ks < kBK / 32; ks++) pin_registers(afrag[p][ks]);
+    }
+    pin_registers(acc);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
-      const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
-      if constexpr (BM == 64) {
-        wgmma_m64n64k32_ss(acc, da, db, it > 0 || ks > 0);
-      } else if constexpr (BM == 128) {
-        wgmma_m64n128k32_ss(acc, da, db, it > 0 || ks > 0);
+      const bool accumulate = it > 0 || ks > 0;
+      if constexpr (RS) {
+        if constexpr (BM == 64) {
+          wgmma_m64n64k32_rs(acc, afrag[p][ks], db, accumulate);
+        } else if constexpr (BM == 128) {
+          wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
+        } else {
+          wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
+        }
       } else {
-        wgmma_m64n256k32_ss(acc, da, db, it > 0 || ks > 0);
+        const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
+        if constexpr (BM == 64) {
+          wgmma_m64n64k32_ss(acc, da, db, accumulate);
+        } else if constexpr (BM == 128) {
+          wgmma_m64n128k32_ss(acc, da, db, accumulate);
+        } else {
+          wgmma_m64n256k32_ss(acc, da, db, accumulate);
+        }
       }
     }
     wgmma_commit();
+    pin_registers(acc);
     wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
+  };
+  // Unrolled by two so that the parity (which A buffer) is known at compile time.
+  for (int it = 0; it < iters; it += 2) {
+    stage(std::integral_constant<int, 0>{}, it);
+    if (it + 1 < iters) stage(std::integral_constant<int, 1>{}, it + 1);
   }
   wgmma_wait<0>();
   pin_registers(acc);
@@ -305,12 +346,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED>
+template <typename Out, int BM, int STAGES, bool GROUPED, bool RS>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED>;
-  constexpr int smem = Tile<BM, STAGES>::SMEM_BYTES;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS>;
+  constexpr int smem = Tile<BM, STAGES, RS>::SMEM_BYTES;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
@@ -340,10 +381,14 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // blocks (shorter splits lost to smaller tiles: qkv M=128, 64 tokens 26 us vs 128 tokens split
 // in 2, 30 us; down M=256, 128 tokens split in 2, 71 us vs 64 tokens, 83 us); else 64 tokens.
 // 64-token tiles run 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 4 slots (two
-// CTAs per SM, ~100 KB each).
+// CTAs per SM, ~100 KB each). A 128-token tile with more tiles than SMs feeds the decoded
+// weights to wgmma from registers: without the shared A buffers two CTAs fit per SM, four
+// warpgroups take turns on the tensor cores (gate_up M=128: 51.9 -> 39.9 us; with fewer tiles
+// than SMs the register path, which ptxas serializes per stage (C7513), lost: down M=128 52 vs 40).
 static int forced_bm = 0, forced_stages = 0;
+static bool forced_rs = false;
 
-static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages) {
+static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& rs) {
   const int n_tiles = (n + kBN - 1) / kBN;
   auto tiles = [&](int tile) { return n_tiles * ((m + tile - 1) / tile); };
   auto ctas = [&](int tile) {
@@ -360,6 +405,7 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages) {
     }
   }
   stages = bm == 64 ? (tiles(64) > sms ? 4 : 8) : 4;
+  rs = bm == 128 && tiles(128) > sms;
 }
 
 template <typename Out, bool GROUPED>
@@ -367,18 +413,18 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages;
-  if (bm == 0) choose_tile(m, n, k, sms, bm, stages);
-#define QQQ_TILE(BM_, STAGES_)                                                                  \
-  if (bm == BM_ && stages == STAGES_) {                                                         \
-    return launch<Out, BM_, STAGES_, GROUPED>(a, a_scale, b, scale, group, bias, out, m, n, k, \
-                                              ws_partial, ws_count, sms, stream);               \
+  bool rs = forced_rs;
+  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, rs);
+#define QQQ_TILE(BM_, STAGES_, RS_)                                                             \
+  if (bm == BM_ && stages == STAGES_ && rs == RS_) {                                              \
+    return launch<Out, BM_, STAGES_, GROUPED, RS_>(a, a_scale, b, scale, group, bias, out, m, n, \
+                                                   k, ws_partial, ws_count, sms, stream);        \
   }
-  QQQ_TILE(64, 4)
-  QQQ_TILE(64, 8)
-  QQQ_TILE(128, 3)
-  QQQ_TILE(128, 4)
-  QQQ_TILE(128, 6)
-  QQQ_TILE(256, 4)
+  QQQ_TILE(64, 4, false)
+  QQQ_TILE(64, 8, false)
+  QQQ_TILE(128, 4, false)
+  QQQ_TILE(256, 4, false)
+  QQQ_TILE(128, 4, true)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
                               std::to_string(stages) + " stages");
@@ -395,7 +441,7 @@ bool wgmma_available() {
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false>) !=
+    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -405,9 +451,10 @@ bool wgmma_available() {
   return yes;
 }
 
-void set_wgmma_tile(int bm, int stages) {
+void set_wgmma_tile(int bm, int stages, bool registers_a) {
   sm90::forced_bm = bm;
   sm90::forced_stages = stages;
+  sm90::forced_rs = registers_a;
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
