@@ -7,7 +7,9 @@ per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with
     python benchmarks/bench_e2e.py --workdir /tmp/e2e [--layers 32] [--formats fp16,w8a8,w4a16,qqq_channel,qqq_g128]
 
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
-(b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127.
+(b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127;
+(c) the weights: bytes on disk (weights_gib) and the GPU memory vLLM reports for the loaded model
+(weights_gpu_gib, its "Model loading took" line).
 Each format runs in its own process (a fresh engine, all GPU memory back between them).
 CUDA graphs are captured for the batch sizes the bench decodes at and their powers of two
 (--capture-sizes) instead of vLLM's ~50 default sizes: the same graphs serve the measured steps,
@@ -218,6 +220,14 @@ def run_format(model: str, quantization: str | None, batches, eager: bool,
     return {"rows": rows, "weights_gib": _weight_bytes(model) / 2**30}
 
 
+def model_memory_gib(log: str) -> float | None:
+    """The GPU memory vLLM reports for the loaded model (weights and buffers, before the KV
+    cache): its "Model loading took X GiB" line."""
+    import re
+    found = re.findall(r"Model loading took ([0-9.]+) GiB", log)
+    return float(found[-1]) if found else None
+
+
 def _weight_bytes(model_dir):
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
@@ -263,6 +273,8 @@ def main():
             sys.exit(f"--append: {args.json} holds another model or device")
         report["rows"] = [r for r in old["rows"] if r["format"] not in formats]
         report["weights_gib"] = {f: v for f, v in old["weights_gib"].items() if f not in formats}
+        report["weights_gpu_gib"] = {f: v for f, v in old.get("weights_gpu_gib", {}).items()
+                                     if f not in formats}
         report["commands"] = old.get("commands", [])
     report["commands"].append(" ".join(sys.argv))
     for fmt in formats:
@@ -275,7 +287,7 @@ def main():
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         for line in (proc.stdout + proc.stderr).splitlines():
             if any(key in line.lower() for key in ("compilation mode", "cuda graph", "cudagraph",
-                                                   "asynchronous scheduling")):
+                                                   "asynchronous scheduling", "model loading took")):
                 print(f"  [{fmt}] {line[-200:]}")
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -283,6 +295,9 @@ def main():
             continue
         result = json.loads(lines[-1][7:])
         report["weights_gib"][fmt] = result["weights_gib"]
+        loaded = model_memory_gib(proc.stdout + proc.stderr)
+        if loaded is not None:
+            report.setdefault("weights_gpu_gib", {})[fmt] = loaded
         for row in result["rows"]:
             report["rows"].append({"format": fmt, **row})
         print(f"{fmt}: " + " ".join(f"b{r['batch']}={r['tokens_per_s']:.0f} tok/s"
