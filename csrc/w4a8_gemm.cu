@@ -18,6 +18,7 @@
 #include "common.cuh"
 #include "decode.cuh"
 #include "kernels.h"
+#include "stage_copies.cuh"
 
 namespace qqq {
 
@@ -54,7 +55,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * T::BM;
-  const int n8_tiles = n / 8;
 
   // This split's range of 128-deep k blocks.
   const int splits = gridDim.z;
@@ -70,56 +70,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::A_BYTES + T::B_BYTES);
   };
 
-  // Each thread copies the same 16-byte pieces of every stage, 128 k further along: their
-  // addresses are computed once (as in w4a8_gemm_sm90.cu). A: chunk a_chunk of rows a_row + 32 j,
-  // stored at chunk a_chunk ^ (row % 8); rows past M are zero-filled.
-  constexpr int kARowsPerPass = kThreads / 8;
-  constexpr int kACopies = (T::BM + kARowsPerPass - 1) / kARowsPerPass;
-  const int a_row = tid / 8, a_chunk = tid % 8;
-  const int a_dst = a_row * kBK + ((a_chunk ^ (a_row % 8)) * 16);
-  const int a_rows_left = m - m0 - a_row;
-  const int8_t* a_src = a + static_cast<size_t>(m0 + a_row) * k +
-                        static_cast<size_t>(kb_begin) * kBK + a_chunk * 16;
-  // B: 4 k32 steps x 16 n8 tiles x 32 words per stage (each step 2 KB contiguous in global
-  // memory); this thread's chunk b_rest of steps b_step + 2 j. Channels past N are zero-filled.
-  constexpr int kBStepsPerPass = kThreads / kBN;
-  constexpr int kBCopies = (kBK / 32) / kBStepsPerPass;
-  static_assert(kThreads % kBN == 0 && (kBK / 32) % kBStepsPerPass == 0, "whole B passes");
-  const int b_step = tid / kBN, b_rest = tid % kBN;
-  const bool b_ok = n0 / 8 + b_rest / 8 < n8_tiles;
-  const int b_dst = (b_step * kBN + b_rest) * 4;
-  const uint32_t* b_src = b + (static_cast<size_t>(kb_begin * 4 + b_step) * n8_tiles +
-                               (b_ok ? n0 / 8 : 0)) * 32 + b_rest * 4;
-  const bool g_ok = tid < kBN / 8 && n0 + tid * 8 < n;
-  const half* g_src = GROUPED ? group + static_cast<size_t>(kb_begin) * n + (g_ok ? n0 + tid * 8 : 0)
-                              : nullptr;
-
   // Each call loads the next stage of its operand into slot s.
-  auto load_a = [&](int s) {
-    uint8_t* sa = stage_a(s) + a_dst;
-#pragma unroll
-    for (int j = 0; j < kACopies; j++) {
-      if (a_row + j * kARowsPerPass < T::BM) {
-        const bool ok = j * kARowsPerPass < a_rows_left;
-        cp_async16(sa + j * kARowsPerPass * kBK,
-                   ok ? a_src + static_cast<size_t>(j) * kARowsPerPass * k : a, ok);
-      }
-    }
-    a_src += kBK;
-  };
-  auto load_b = [&](int s) {
-    uint32_t* sb = stage_b(s) + b_dst;
-#pragma unroll
-    for (int j = 0; j < kBCopies; j++) {
-      cp_async16(sb + j * kBStepsPerPass * kBN * 4,
-                 b_src + static_cast<size_t>(j) * kBStepsPerPass * n8_tiles * 32, b_ok);
-    }
-    b_src += static_cast<size_t>(kBK / 32) * n8_tiles * 32;
-    if constexpr (GROUPED) {
-      if (tid < kBN / 8) cp_async16(stage_s(s) + tid * 8, g_src, g_ok);
-      g_src += n;
-    }
-  };
+  StageCopies<T::BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
+  auto load_a = [&](int s) { copies.activations(stage_a(s)); };
+  auto load_b = [&](int s) { copies.weights(stage_b(s), stage_s(s)); };
 
   int acc[MT][NT][4];
 #pragma unroll

@@ -29,6 +29,7 @@
 #include "common.cuh"
 #include "decode.cuh"
 #include "kernels.h"
+#include "stage_copies.cuh"
 #include "wgmma.cuh"
 
 namespace qqq {
@@ -71,7 +72,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * BM;
-  const int n8_tiles = n / 8;
 
   // This split's range of 128-deep k blocks.
   const int splits = gridDim.z;
@@ -87,57 +87,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::X_BYTES + T::W_BYTES);
   };
 
-  // Each thread copies the same 16-byte pieces of every stage, 128 k further along, so their
-  // addresses are computed once here (the generic per-piece index arithmetic was ~2/3 of the
-  // loop's instructions, measured in the SASS; the loop is bound by its instruction stream).
-  // Activations: chunk x_chunk of rows x_row + 32 j, stored at chunk x_chunk ^ (row % 8) (the
-  // 128B swizzle); rows past M are zero-filled.
-  constexpr int kXRowsPerPass = kThreads / 8;
-  constexpr int kXCopies = BM / kXRowsPerPass;
-  static_assert(BM % kXRowsPerPass == 0, "whole passes over the activation rows");
-  const int x_row = tid / 8, x_chunk = tid % 8;
-  const int x_dst = x_row * kBK + ((x_chunk ^ (x_row % 8)) * 16);
-  const int x_rows_left = m - m0 - x_row;
-  const int8_t* x_src = a + static_cast<size_t>(m0 + x_row) * k +
-                        static_cast<size_t>(kb_begin) * kBK + x_chunk * 16;
-  // Weights: 4 k32 steps x kBN / 8 n8 tiles x 32 words per stage; this thread's chunk w_rest of
-  // steps w_step + 2 j. Channels past N (a last half tile) are zero-filled.
-  constexpr int kWStepsPerPass = kThreads / kBN;
-  constexpr int kWCopies = (kBK / 32) / kWStepsPerPass;
-  static_assert(kThreads % kBN == 0 && (kBK / 32) % kWStepsPerPass == 0, "whole weight passes");
-  const int w_step = tid / kBN, w_rest = tid % kBN;
-  const bool w_ok = n0 / 8 + w_rest / 8 < n8_tiles;
-  const int w_dst = (w_step * kBN + w_rest) * 4;
-  const uint32_t* w_src = b + (static_cast<size_t>(kb_begin * 4 + w_step) * n8_tiles +
-                               (w_ok ? n0 / 8 : 0)) * 32 + w_rest * 4;
-  const bool g_ok = tid < kBN / 8 && n0 + tid * 8 < n;
-  const half* g_src = GROUPED ? group + static_cast<size_t>(kb_begin) * n + (g_ok ? n0 + tid * 8 : 0)
-                              : nullptr;
-
   // Each call loads the next stage of its operand into slot s.
-  auto load_x = [&](int s) {
-    uint8_t* sx = stage_x(s) + x_dst;
-#pragma unroll
-    for (int j = 0; j < kXCopies; j++) {
-      const bool ok = j * kXRowsPerPass < x_rows_left;
-      cp_async16(sx + j * kXRowsPerPass * kBK,
-                 ok ? x_src + static_cast<size_t>(j) * kXRowsPerPass * k : a, ok);
-    }
-    x_src += kBK;
-  };
-  auto load_w = [&](int s) {
-    uint32_t* sw = stage_w(s) + w_dst;
-#pragma unroll
-    for (int j = 0; j < kWCopies; j++) {
-      cp_async16(sw + j * kWStepsPerPass * kBN * 4,
-                 w_src + static_cast<size_t>(j) * kWStepsPerPass * n8_tiles * 32, w_ok);
-    }
-    w_src += static_cast<size_t>(kBK / 32) * n8_tiles * 32;
-    if constexpr (GROUPED) {
-      if (tid < kBN / 8) cp_async16(stage_s(s) + tid * 8, g_src, g_ok);
-      g_src += n;
-    }
-  };
+  StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
+  auto load_x = [&](int s) { copies.activations(stage_x(s)); };
+  auto load_w = [&](int s) { copies.weights(stage_w(s), stage_s(s)); };
 
   // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
   // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
