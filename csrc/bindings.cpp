@@ -44,6 +44,13 @@ PYBIND11_MODULE(_C, m) {
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
+  m.def(
+      "workspace_entries",
+      [](int n) {
+        return py::make_tuple(qqq::workspace_zeroed_entries(n), qqq::workspace_partial_entries(n));
+      },
+      py::arg("n"),
+      "(counters kept zeroed, split-K partial entries) the GEMM needs for N (ops.workspace).");
   m.def("set_wgmma_tile", &qqq::set_wgmma_tile, py::arg("bm"), py::arg("stages"),
         py::arg("registers_a") = false,
         "Tuning/tests: force the Hopper kernel's tile (bm tokens x stages, the decoded weights "

@@ -87,3 +87,11 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="a must be contiguous int8"):
         torch.ops.qqq.gemm(a.float(), s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
                            torch.float16)
+
+
+def test_workspace_size_agrees_with_the_kernels():
+    """ops.workspace sizes the shared buffer from the same layout csrc/kernels.h defines; a
+    smaller one would be refused by the GEMM, a drift would go unseen until a GPU run."""
+    _C = pytest.importorskip("vllm_qqq._C", reason="extension not built (no nvcc)")
+    for n in (64, 192, 4096, 6144, 8192, 8256, 17920, 28672):
+        assert _C.workspace_entries(n) == (ops.workspace_zeroed(n), ops.workspace_partial(n))
