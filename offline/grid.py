@@ -56,19 +56,15 @@ class Grid:
         """Round w [N, cols] (columns k0 .. k0 + cols - 1 of the weight) to codes (int64)."""
         w = w.float()
         if self.group is None:
-            return torch.round(w / self.channel[:, None]).clamp(-7, 7).long()
-        gs = self._group_scale(k0, w.shape[1])
-        codes = (torch.round(w / (self.channel[:, None] * gs)) + 8).clamp(0, 15)
-        # Code 0 means -8 * s_group, outside int8 when s_group > 16 (GPTQ's updates can ask for
-        # values beyond a group's original absmax): the lowest code is then 1.
-        return torch.maximum(codes, (gs > 16).to(codes.dtype)).long()
+            return _channel_codes(w, self.channel[:, None]).long()
+        return _group_codes(w, self.channel[:, None], self._group_scale(k0, w.shape[1])).long()
 
     def dequant(self, codes: torch.Tensor, k0: int) -> torch.Tensor:
         """float32 values of codes [N, cols] for columns starting at k0."""
         if self.group is None:
             return codes.float() * self.channel[:, None]
-        int8 = torch.round((codes.float() - 8) * self._group_scale(k0, codes.shape[1]))
-        return int8.clamp(-128, 127) * self.channel[:, None]
+        return _group_values(codes.float(), self.channel[:, None],
+                             self._group_scale(k0, codes.shape[1]))
 
     def quantize(self, w: torch.Tensor, k0: int = 0) -> torch.Tensor:
         """Fake-quantize w [N, cols]: round to the grid and return the float values."""
@@ -96,21 +92,34 @@ def _fp16_group_scales(gmax: torch.Tensor, channel: torch.Tensor) -> torch.Tenso
     return scales.clamp_min(torch.finfo(torch.float16).tiny)
 
 
+def _channel_codes(w: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """Per-channel codes (float) of w; channel broadcasts against w."""
+    return torch.round(w / channel).clamp(-7, 7)
+
+
+def _group_codes(w: torch.Tensor, channel: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """Two-level codes (float) of w with float32 group scales gs; both broadcast against w."""
+    codes = (torch.round(w / (channel * gs)) + 8).clamp(0, 15)
+    # Code 0 means -8 * s_group, outside int8 when s_group > 16 (GPTQ's updates can ask for
+    # values beyond a group's original absmax): the lowest code is then 1.
+    return torch.maximum(codes, (gs > 16).to(codes.dtype))
+
+
+def _group_values(codes: torch.Tensor, channel: torch.Tensor, gs: torch.Tensor) -> torch.Tensor:
+    """The float values of two-level codes (float)."""
+    return torch.round((codes - 8) * gs).clamp(-128, 127) * channel
+
+
 def _group_error(w3: torch.Tensor, channel: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Squared round-to-nearest error [N, G] of w3 [N, G, size] with fp16 group scales [N, G],
-    the arithmetic of Grid.codes / Grid.dequant."""
-    gs = group.float()[:, :, None]
-    ch = channel[:, None, None]
-    codes = (torch.round(w3 / (ch * gs)) + 8).clamp(0, 15)
-    codes = torch.maximum(codes, (gs > 16).to(codes.dtype))
-    values = torch.round((codes - 8) * gs).clamp(-128, 127) * ch
-    return (w3 - values).pow(2).sum(dim=2)
+    """Squared round-to-nearest error [N, G] of w3 [N, G, size] with fp16 group scales [N, G]."""
+    gs, ch = group.float()[:, :, None], channel[:, None, None]
+    return (w3 - _group_values(_group_codes(w3, ch, gs), ch, gs)).pow(2).sum(dim=2)
 
 
 def _channel_error(w: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     """Squared round-to-nearest error [N] of w [N, K] with per-channel scales [N]."""
-    values = torch.round(w / channel[:, None]).clamp(-7, 7) * channel[:, None]
-    return (w - values).pow(2).sum(dim=1)
+    ch = channel[:, None]
+    return (w - _channel_codes(w, ch) * ch).pow(2).sum(dim=1)
 
 
 def _best(errors: torch.Tensor) -> torch.Tensor:
