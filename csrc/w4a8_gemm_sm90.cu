@@ -67,6 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                            int* __restrict__ ws_partial, int* __restrict__ ws_count) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BM, STAGES, RS>;
+  static_assert(!RS || BM == 128, "weights from registers: measured and built for 128 tokens");
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -183,13 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
       const bool accumulate = it > 0 || ks > 0;
       if constexpr (RS) {
-        if constexpr (BM == 64) {
-          wgmma_m64n64k32_rs(acc, afrag[p][ks], db, accumulate);
-        } else if constexpr (BM == 128) {
-          wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
-        } else {
-          wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
-        }
+        wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
       } else {
         const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
         if constexpr (BM == 64) {
