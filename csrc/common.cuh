@@ -73,18 +73,15 @@ __device__ __forceinline__ void allow_dependent_grid() {
 #endif
 }
 
-// Whether the GEMM launch being made carries the programmatic-dependent-launch attribute
-// (w4a8_gemm's after_quant, on compute capability 9.0+, unless set_pdl(false)).
-bool pdl_enabled();
-
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch where
-// pdl_enabled(): the kernel may begin before the previous kernel in the stream has finished.
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
+// `programmatic` (sm_90+): the kernel may begin before the previous kernel in the stream has
+// finished, and must call wait_for_prior_grid before it reads anything that kernel may write.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
-                   cudaStream_t stream, const char* what, Args... args) {
+                   cudaStream_t stream, bool programmatic, const char* what, Args... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  attr[0].val.programmaticStreamSerializationAllowed = programmatic ? 1 : 0;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;

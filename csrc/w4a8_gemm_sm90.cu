@@ -297,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename Out, int BM, int STAGES, bool GROUPED, bool RS>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
-                   int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
+                   int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS>;
   constexpr int smem = Tile<BM, STAGES, RS>::SMEM_BYTES;
   allow_smem<kernel, smem>();
@@ -316,7 +316,7 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
     const int fit = static_cast<int>(workspace_partial_entries(n) / tile_entries);
     splits = std::max(1, std::min({sms * per_sm / (n_tiles * m_tiles), (k / kBK) / 8, fit}));
   }
-  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), smem, stream,
+  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), smem, stream, pdl,
                 "w4a8_gemm_wgmma launch", a, a_scale, b, scale, group,
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k, ws_partial,
                 ws_count);
@@ -359,14 +359,14 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 template <typename Out, bool GROUPED>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
-                     int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
+                     int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages;
   bool rs = forced_rs;
   if (bm == 0) choose_tile(m, n, k, sms, bm, stages, rs);
 #define QQQ_TILE(BM_, STAGES_, RS_)                                                             \
   if (bm == BM_ && stages == STAGES_ && rs == RS_) {                                              \
     return launch<Out, BM_, STAGES_, GROUPED, RS_>(a, a_scale, b, scale, group, bias, out, m, n, \
-                                                   k, ws_partial, ws_count, sms, stream);        \
+                                                   k, ws_partial, ws_count, sms, pdl, stream);        \
   }
   QQQ_TILE(64, 4, false)
   QQQ_TILE(64, 8, false)
@@ -407,22 +407,22 @@ void set_wgmma_tile(int bm, int stages, bool registers_a) {
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,
-                     int k, int* ws_partial, int* ws_count, int sms, cudaStream_t stream) {
+                     int k, int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   if (out_dtype == kFloat16) {
     if (group != nullptr) {
       sm90::dispatch<half, true>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                                 ws_count, sms, stream);
+                                 ws_count, sms, pdl, stream);
     } else {
       sm90::dispatch<half, false>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                                  ws_count, sms, stream);
+                                  ws_count, sms, pdl, stream);
     }
   } else {
     if (group != nullptr) {
       sm90::dispatch<__nv_bfloat16, true>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                          ws_partial, ws_count, sms, stream);
+                                          ws_partial, ws_count, sms, pdl, stream);
     } else {
       sm90::dispatch<__nv_bfloat16, false>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                           ws_partial, ws_count, sms, stream);
+                                           ws_partial, ws_count, sms, pdl, stream);
     }
   }
 }
