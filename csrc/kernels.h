@@ -30,7 +30,7 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
 // the GEMM. Up to kFusedMaxM tokens one kernel does both (each CTA quantizes the rows it needs,
 // q and q_scale untouched); above, quant_per_token into q [m, k] and q_scale [m], then w4a8_gemm.
 // Measured on the H100: NOTES.md "GEMM".
-constexpr int kFusedMaxM = 4;
+constexpr int kFusedMaxM = 0;
 void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,
                  const float* scale, const void* group, const void* bias, void* out, int m, int n,
                  int k, int* workspace, int64_t workspace_entries, cudaStream_t stream);

@@ -45,6 +45,7 @@ for step in "$@"; do
     e2e)
       # Checkpoints and results persist in /tmp/e2e, so a run split over device calls on one
       # machine (E2E_FORMATS per call) adds up to one JSON (--append).
+      mkdir -p /tmp/e2e
       python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
         --formats "${E2E_FORMATS:-fp16,w8a8,w4a16,qqq_channel,qqq_g128}" \
         --json /tmp/e2e/e2e_h100.json --append 2>&1 | tee -a /tmp/e2e/bench_e2e.log | tail -30
