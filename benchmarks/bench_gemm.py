@@ -68,10 +68,6 @@ def setup_qqq_switched(switch_on, switch_off):
 # quantization (no programmatic dependent launch); the Hopper kernel forced to one tile.
 setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set_wgmma(True))
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
-# The quantization in its own kernel at every M; the GEMM quantizing its own activations up to
-# 16 tokens (csrc/w4a8_gemm.cu, FUSED).
-setup_qqq_unfused = setup_qqq_switched(lambda c: c.set_fused_max_m(0), lambda c: c.set_fused_max_m(-1))
-setup_qqq_fused16 = setup_qqq_switched(lambda c: c.set_fused_max_m(16), lambda c: c.set_fused_max_m(-1))
 
 
 def setup_qqq_tile(bm, stages, registers_a=False):
@@ -173,8 +169,6 @@ IMPLS = {
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
-    "qqq_channel_unfused": setup_qqq_unfused,
-    "qqq_channel_fused16": setup_qqq_fused16,
     **{f"qqq_tile_{bm}x{st}": setup_qqq_tile(bm, st)
        for bm, st in ((64, 4), (64, 8), (128, 4), (256, 4))},
     "qqq_tile_rs_128x4": setup_qqq_tile(128, 4, True),

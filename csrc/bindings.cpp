@@ -50,10 +50,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("scale"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("m"),
       py::arg("n"), py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"),
       py::arg("stream"));
-  m.def("linear_fuses", &qqq::w4a8_linear_fuses, py::arg("m"), py::arg("n"), py::arg("k"),
-        "Whether linear runs one kernel that quantizes its own activations for this shape.");
-  m.def("set_fused_max_m", &qqq::set_fused_max_m, py::arg("m"),
-        "Tuning/tests: the most tokens linear fuses (< 0: the default; 0: never).");
   m.def("wgmma_available", &qqq::wgmma_available,
         "Whether the Hopper wgmma kernel can run on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),

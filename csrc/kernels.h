@@ -26,16 +26,12 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream);
 
-// y = x @ W for fp16/bf16 activations x [m, k], out in x's dtype: the per-token quantization and
-// the GEMM. Up to kFusedMaxM tokens one kernel does both (each CTA quantizes the rows it needs,
-// q and q_scale untouched); above, quant_per_token into q [m, k] and q_scale [m], then w4a8_gemm.
-// Measured on the H100: NOTES.md "GEMM".
-constexpr int kFusedMaxM = 0;
+// y = x @ W for fp16/bf16 activations x [m, k], out in x's dtype: quant_per_token into q [m, k]
+// and q_scale [m], then w4a8_gemm launched after it (after_quant). (One kernel quantizing its own
+// activations at few tokens was measured no faster on the H100: NOTES.md "GEMM".)
 void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,
                  const float* scale, const void* group, const void* bias, void* out, int m, int n,
                  int k, int* workspace, int64_t workspace_entries, cudaStream_t stream);
-// Whether w4a8_linear runs the one fused kernel for this shape.
-bool w4a8_linear_fuses(int m, int n, int k);
 
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
 // one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes
@@ -67,10 +63,8 @@ bool wgmma_available();
 void set_wgmma_enabled(bool on);
 // The smallest M the Hopper kernel takes (<= 0: kWgmmaMinM).
 void set_wgmma_min_m(int m);
-// Programmatic dependent launch of after_quant GEMMs and of the fused kernel (sm_90+; default on).
+// Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
 void set_pdl(bool on);
-// The most tokens w4a8_linear fuses (< 0: kFusedMaxM; 0: never).
-void set_fused_max_m(int m);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the decoded weights fed to
 // wgmma from registers or shared memory; bm = 0: chosen by M.
 void set_wgmma_tile(int bm, int stages, bool registers_a);

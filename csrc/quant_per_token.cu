@@ -4,7 +4,6 @@
 // mostly from L1/L2), 16-byte accesses.
 #include "common.cuh"
 #include "kernels.h"
-#include "quant.cuh"
 
 namespace qqq {
 
@@ -21,7 +20,12 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
   const int vecs = k / 8;  // 8 elements of 2 bytes per 16-byte vector
 
   float amax = 0.f;
-  for (int i = threadIdx.x; i < vecs; i += kQuantThreads) amax = fmaxf(amax, absmax8<T>(xr[i]));
+  for (int i = threadIdx.x; i < vecs; i += kQuantThreads) {
+    uint4 v = xr[i];
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; j++) amax = fmaxf(amax, fabsf(OutType<T>::to_float(e[j])));
+  }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, off));
   __shared__ float warp_max[kQuantThreads / 32];
@@ -31,10 +35,29 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
 #pragma unroll
   for (int w = 1; w < kQuantThreads / 32; w++) amax = fmaxf(amax, warp_max[w]);
 
-  const float s = token_scale(amax);
+  const float s = __fdiv_rn(amax, 127.f);
   if (threadIdx.x == 0) scale[row] = s;
   uint2* qr = reinterpret_cast<uint2*>(q + row * k);
-  for (int i = threadIdx.x; i < vecs; i += kQuantThreads) qr[i] = quantize8<T>(xr[i], s);
+  for (int i = threadIdx.x; i < vecs; i += kQuantThreads) {
+    uint4 v = xr[i];
+    const T* e = reinterpret_cast<const T*>(&v);
+    uint32_t packed[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      uint32_t word = 0;
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        int qi = 0;
+        if (s > 0.f) {
+          float r = rintf(__fdiv_rn(OutType<T>::to_float(e[4 * h + j]), s));
+          qi = static_cast<int>(fminf(fmaxf(r, -128.f), 127.f));
+        }
+        word |= (static_cast<uint32_t>(qi) & 0xff) << (8 * j);
+      }
+      packed[h] = word;
+    }
+    qr[i] = make_uint2(packed[0], packed[1]);
+  }
 }
 
 void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* scale,

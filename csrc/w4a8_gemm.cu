@@ -13,17 +13,11 @@
 // tile to finish (an atomic counter) adds them in order and applies the epilogue. (Adding into a
 // zeroed buffer with atomics instead was measured slower on the H100 at M = 16: the atomics and
 // the fence after them stalled the warps; NOTES.md "GEMM".)
-//
-// At the smallest M (w4a8_linear) the kernel also quantizes its own activations (FUSED): each CTA
-// reads its rows of x whole for their absmax and quantizes its split's k range into shared memory
-// once. That saves the separate quantization kernel, a chain of dependent steps on one SM that
-// took ~4 us per call; as each CTA rereads the rows, it only pays for a few tokens.
 #include <algorithm>
 
 #include "common.cuh"
 #include "decode.cuh"
 #include "kernels.h"
-#include "quant.cuh"
 #include "stage_copies.cuh"
 
 namespace qqq {
@@ -32,9 +26,6 @@ constexpr int kThreads = 256;
 constexpr int kBN = 128;
 constexpr int kBK = 128;
 constexpr int kSplitMaxM = 64;  // rows up to which K may be split
-// FUSED: the most 128-deep k blocks of quantized activations a CTA holds in shared memory (with
-// 16 rows, 64 KiB: two CTAs still fit on an SM).
-constexpr int kFusedMaxBlocks = 32;
 
 template <int MT, int NT, int WARPS_M, int WARPS_N>
 struct Tile {
@@ -51,52 +42,9 @@ struct Tile {
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 };
 
-// FUSED: the CTA's activation rows x[m0, m0 + BM) -> their token scales (row_scale) and, for k
-// blocks [kb_begin, kb_begin + blocks), int8 codes in dst, one BM x 128 block after another in the
-// stages' swizzled layout; rows past M are zeros.
-template <typename In, int BM>
-__device__ __forceinline__ void quantize_rows(const In* __restrict__ x, int rows, int k,
-                                              int kb_begin, int blocks, uint8_t* dst,
-                                              float* row_scale, int tid) {
-  __shared__ float warp_max[BM][kThreads / 32];
-  const int vecs = k / 8;
-  for (int r = 0; r < rows; r++) {
-    const uint4* xr = reinterpret_cast<const uint4*>(x + static_cast<size_t>(r) * k);
-    float amax = 0.f;
-    for (int i = tid; i < vecs; i += kThreads) amax = fmaxf(amax, absmax8<In>(xr[i]));
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, off));
-    if (tid % 32 == 0) warp_max[r][tid / 32] = amax;
-  }
-  __syncthreads();
-  if (tid < rows) {
-    float amax = warp_max[tid][0];
-#pragma unroll
-    for (int w = 1; w < kThreads / 32; w++) amax = fmaxf(amax, warp_max[tid][w]);
-    row_scale[tid] = token_scale(amax);
-  }
-  __syncthreads();
-  // 8 codes per piece, 16 pieces per row and k block; neighbouring threads read neighbouring
-  // 16 bytes of a row.
-  for (int p = tid; p < rows * blocks * 16; p += kThreads) {
-    const int h = p % 16, r = (p / 16) % rows, blk = p / (16 * rows);
-    const uint4 v = *reinterpret_cast<const uint4*>(
-        x + static_cast<size_t>(r) * k + static_cast<size_t>(kb_begin + blk) * kBK + h * 8);
-    *reinterpret_cast<uint2*>(dst + (blk * BM + r) * kBK + (((h / 2) ^ (r % 8)) * 16) +
-                              (h % 2) * 8) = quantize8<In>(v, row_scale[r]);
-  }
-  const int empty = BM - rows;
-  for (int p = tid; p < empty * blocks * 8; p += kThreads) {
-    const int c = p % 8, r = rows + (p / 8) % empty, blk = p / (8 * empty);
-    *reinterpret_cast<uint4*>(dst + (blk * BM + r) * kBK + c * 16) = make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
-}
-
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED, bool FUSED>
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 __global__ void __launch_bounds__(kThreads, 2)
-    w4a8_gemm_kernel(const Out* __restrict__ x,
-                     const int8_t* __restrict__ a, const float* __restrict__ a_scale,
+    w4a8_gemm_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                      const uint32_t* __restrict__ b, const float* __restrict__ scale,
                      const half* __restrict__ group, const Out* __restrict__ bias,
                      Out* __restrict__ out, int m, int n, int k,
@@ -137,41 +85,28 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // The weights of the first stages are requested before waiting for the kernel that wrote the
   // activations (programmatic dependent launch).
-  __shared__ float fused_scale[T::BM];
-  uint8_t* fused_a = smem + T::SMEM_BYTES;  // FUSED: all of this split's activation blocks
-  if constexpr (FUSED) {
 #pragma unroll
-    for (int s = 0; s < kStages - 1; s++) {
-      if (s < iters) load_b(s);
-      cp_async_commit();
-    }
-    wait_for_prior_grid();
-    quantize_rows<Out, T::BM>(x + static_cast<size_t>(m0) * k, min(T::BM, m - m0), k, kb_begin,
-                              iters, fused_a, fused_scale, tid);
-  } else {
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < iters) load_b(s);  // joins the first cp.async group
+  }
+  wait_for_prior_grid();
 #pragma unroll
-    for (int s = 0; s < kStages - 1; s++) {
-      if (s < iters) load_b(s);  // joins the first cp.async group
-    }
-    wait_for_prior_grid();
-#pragma unroll
-    for (int s = 0; s < kStages - 1; s++) {
-      if (s < iters) load_a(s);
-      cp_async_commit();
-    }
+  for (int s = 0; s < kStages - 1; s++) {
+    if (s < iters) load_a(s);
+    cp_async_commit();
   }
 
   for (int it = 0; it < iters; it++) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
     if (it + kStages - 1 < iters) {
-      if constexpr (!FUSED) load_a((it + kStages - 1) % kStages);
+      load_a((it + kStages - 1) % kStages);
       load_b((it + kStages - 1) % kStages);
     }
     cp_async_commit();
 
     const int s = it % kStages;
-    const uint8_t* sa = FUSED ? fused_a + it * T::A_BYTES : stage_a(s);
+    const uint8_t* sa = stage_a(s);
     const uint32_t* sb = stage_b(s);
     uint32_t s2[NT];
     if constexpr (GROUPED) {
@@ -208,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction.
   auto finish = [&](int row, int col, int v0, int v1) {
-    const float ts = FUSED ? fused_scale[row - m0] : a_scale[row];
+    const float ts = a_scale[row];
     float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), scale[col]);
     float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), scale[col + 1]);
     if (bias != nullptr) {
@@ -235,7 +170,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   // Split K: this split's partial tile (its valid rows) goes to its own slot of the workspace;
-  // the last split of the tile to finish adds the slots in split order and applies the epilogue.
+  // the last split of the tile to finish adds the slots and applies the epilogue.
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
   auto partial = [&](int split, int r, int c) {
     return reinterpret_cast<int2*>(
@@ -258,24 +193,26 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   if (!last) return;
   __threadfence();
-#pragma unroll
-  for (int i = 0; i < MT; i++)
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int r = wm * MT * 16 + i * 16 + lane / 4 + h * 8;
-        const int c = (wn * NT + j) * 8 + (lane % 4) * 2;
-        if (m0 + r < m && n0 + c < n) {
-          int v0 = 0, v1 = 0;
-          for (int split = 0; split < splits; split++) {
-            const int2 p = __ldcg(partial(split, r, c));
-            v0 += p.x;
-            v1 += p.y;
-          }
-          finish(m0 + r, n0 + c, v0, v1);
-        }
-      }
+  // Each thread adds 4 channels of one row over the splits with 16-byte loads, several splits in
+  // flight at once. (Adding per mma fragment, one split after another, chained `splits`
+  // dependent L2 round trips per fragment: measured, NOTES.md "GEMM".)
+  constexpr int kQuads = kBN / 4;
+  const int rows = min(T::BM, m - m0);
+  for (int q = tid; q < rows * kQuads; q += kThreads) {
+    const int r = q / kQuads, c = (q % kQuads) * 4;
+    if (n0 + c >= n) continue;
+    int4 sum = make_int4(0, 0, 0, 0);
+#pragma unroll 4
+    for (int split = 0; split < splits; split++) {
+      const int4 p = __ldcg(reinterpret_cast<const int4*>(partial(split, r, c)));
+      sum.x += p.x;
+      sum.y += p.y;
+      sum.z += p.z;
+      sum.w += p.w;
+    }
+    finish(m0 + r, n0 + c, sum.x, sum.y);
+    finish(m0 + r, n0 + c + 2, sum.z, sum.w);
+  }
   if (tid == 0) ws_count[tile] = 0;  // ready for the next call
 }
 
@@ -289,15 +226,12 @@ static bool pdl_supported() {
 }
 static int wgmma_min_m = kWgmmaMinM;
 void set_wgmma_min_m(int m) { wgmma_min_m = m > 0 ? m : kWgmmaMinM; }
-static int fused_max_m = kFusedMaxM;
-void set_fused_max_m(int m) { fused_max_m = m >= 0 ? m : kFusedMaxM; }
 
 static int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
-// One call's operands, passed down the host-side dispatch. x is set when the kernel quantizes its
-// own activations (FUSED; a and a_scale unused); pdl: launched as a programmatic dependent launch.
+// One call's operands, passed down the host-side dispatch; pdl: launched as a programmatic
+// dependent launch.
 struct Call {
-  const void* x;
   const int8_t* a;
   const float* a_scale;
   const uint32_t* b;
@@ -323,36 +257,33 @@ static int split_count(int m, int n, int k, int bm) {
   return std::max(1, std::min({(2 * sms) / tiles, (k / kBK) / 2, fit}));
 }
 
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED, bool FUSED>
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 static void launch(const Call& c) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
-  constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, GROUPED, FUSED>;
-  constexpr int kMaxSmem = T::SMEM_BYTES + (FUSED ? kFusedMaxBlocks * T::A_BYTES : 0);
-  const int splits = split_count(c.m, c.n, c.k, T::BM);
-  const int smem = T::SMEM_BYTES + (FUSED ? (c.k / kBK + splits - 1) / splits * T::A_BYTES : 0);
-  allow_smem<kernel, kMaxSmem>();
-  launch_kernel(kernel, dim3((c.n + kBN - 1) / kBN, (c.m + T::BM - 1) / T::BM, splits),
-                dim3(kThreads), smem, c.stream, c.pdl, "w4a8_gemm launch",
-                static_cast<const Out*>(c.x), c.a, c.a_scale, c.b, c.scale, c.group,
+  constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, GROUPED>;
+  allow_smem<kernel, T::SMEM_BYTES>();
+  launch_kernel(kernel,
+                dim3((c.n + kBN - 1) / kBN, (c.m + T::BM - 1) / T::BM,
+                     split_count(c.m, c.n, c.k, T::BM)),
+                dim3(kThreads), T::SMEM_BYTES, c.stream, c.pdl, "w4a8_gemm launch", c.a,
+                c.a_scale, c.b, c.scale, c.group,
                 static_cast<const Out*>(c.bias), static_cast<Out*>(c.out), c.m, c.n, c.k,
                 c.ws_partial, c.ws_count);
 }
 
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool FUSED = false>
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
 static void launch_grouped_or_not(const Call& c) {
   if (c.group != nullptr) {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, true, FUSED>(c);
+    launch<Out, MT, NT, WARPS_M, WARPS_N, true>(c);
   } else {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, false, FUSED>(c);
+    launch<Out, MT, NT, WARPS_M, WARPS_N, false>(c);
   }
 }
 
 template <typename Out>
 static void dispatch(const Call& c) {
   // The tile is chosen from M here, inside the op: vLLM's compiled graphs must not bake it in.
-  if (c.x != nullptr) {
-    launch_grouped_or_not<Out, 1, 2, 1, 8, true>(c);
-  } else if (c.m <= 16) {
+  if (c.m <= 16) {
     launch_grouped_or_not<Out, 1, 2, 1, 8>(c);
   } else if (c.m <= 32) {
     launch_grouped_or_not<Out, 2, 2, 1, 8>(c);
@@ -374,10 +305,13 @@ static void check_shapes(int out_dtype, int n, int k, int64_t workspace_entries)
   if (workspace_entries < workspace_zeroed_entries(n) + workspace_partial_entries(n)) {
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace too small");
   }
+  if (workspace_entries % 4) {  // the partial tiles at its end are read in 16-byte pieces
+    throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace entries must be a multiple of 4");
+  }
 }
 
 static void run(const Call& c, int out_dtype) {
-  if (c.x == nullptr && c.m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
+  if (c.m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, c.m, c.n,
                     c.k, c.ws_partial, c.ws_count, sms, c.pdl, c.stream);
@@ -394,36 +328,19 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   check_shapes(out_dtype, n, k, workspace_entries);
   if (m == 0) return;
   int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
-  run({nullptr, a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
+  run({a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
        ws_partial, workspace, after_quant && pdl_allowed && pdl_supported(), stream},
       out_dtype);
-}
-
-bool w4a8_linear_fuses(int m, int n, int k) {
-  return m <= fused_max_m && m <= 16 &&
-         (k / kBK + split_count(m, n, k, 16) - 1) / split_count(m, n, k, 16) <= kFusedMaxBlocks;
 }
 
 void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,
                  const float* scale, const void* group, const void* bias, void* out, int m, int n,
                  int k, int* workspace, int64_t workspace_entries, cudaStream_t stream) {
   check_shapes(dtype, n, k, workspace_entries);
-  if (reinterpret_cast<uintptr_t>(x) % 16) {
-    throw std::invalid_argument("vllm_qqq: w4a8_linear needs 16-byte aligned activations");
-  }
   if (m == 0) return;
-  if (!w4a8_linear_fuses(m, n, k)) {
-    quant_per_token(x, dtype, m, k, q, q_scale, stream);
-    w4a8_gemm(q, q_scale, b, scale, group, bias, out, dtype, m, n, k, workspace,
-              workspace_entries, true, stream);
-    return;
-  }
-  // The kernel reads x only after griddepcontrol.wait (the prior kernel complete), so it may
-  // start early whatever kernel precedes it.
-  int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
-  run({x, nullptr, nullptr, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
-       ws_partial, workspace, pdl_allowed && pdl_supported(), stream},
-      dtype);
+  quant_per_token(x, dtype, m, k, q, q_scale, stream);
+  w4a8_gemm(q, q_scale, b, scale, group, bias, out, dtype, m, n, k, workspace, workspace_entries,
+            true, stream);
 }
 
 }  // namespace qqq

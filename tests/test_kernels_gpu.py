@@ -107,52 +107,6 @@ def test_every_wgmma_tile_matches_reference(bm, stages, registers_a, g):
         _C.set_wgmma_min_m(0)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("shape", ["llama3_qkv", "llama3_gate_up", "llama3_down", "qwen_down",
-                                   "small_partial_n", "wide_partial_n"])
-def test_linear_fused_quantization_matches_reference(shape, g):
-    """At few tokens one kernel quantizes its own activations (csrc/w4a8_gemm.cu, FUSED); forced
-    here up to 16 tokens, on rows of very different ranges and an all-zero row. The quantized
-    buffers, poisoned, must stay untouched where it fuses (proof the fused kernel ran) and hold
-    the reference's codes where it does not."""
-    from vllm_qqq import _C
-    k, n = SHAPES[shape]
-    t = make_layer(k, n, g, seed=k + n + g)
-    ws = ops.workspace("cuda", n)
-    assert _C.linear_fuses(1, n, k), "each shape here fuses at M = 1 by default"
-    _C.set_fused_max_m(16)
-    fused_seen = False
-    try:
-        for m in (1, 2, 3, 5, 16):
-            for dtype in DTYPES:
-                x = torch.randn(m, k, device="cuda") * torch.logspace(-2, 2, m, device="cuda")[:, None]
-                x = x.to(dtype)
-                if m > 1:
-                    x[1] = 0
-                bias = torch.randn(n, device="cuda").to(dtype) if m % 2 else None
-                ref, a_ref, s_ref = reference(x, t, bias)
-                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
-                q = torch.full((m, k), 0x55, dtype=torch.int8, device="cuda")
-                qs = torch.full((m, 1), float("nan"), device="cuda")
-                _C.linear(x.data_ptr(), ops._DTYPE_CODE[dtype], q.data_ptr(), qs.data_ptr(),
-                          t["qqq_b"].data_ptr(), t["qqq_scale"].data_ptr(),
-                          t["qqq_group"].data_ptr() if g == 128 else 0,
-                          bias.data_ptr() if bias is not None else 0, out.data_ptr(), m, n, k,
-                          ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream)
-                torch.cuda.synchronize()
-                assert torch.equal(out, ref), f"m={m} {dtype}"
-                if _C.linear_fuses(m, n, k):
-                    fused_seen = True
-                    assert q.eq(0x55).all() and qs.isnan().all()
-                else:
-                    assert torch.equal(q, a_ref) and torch.equal(qs, s_ref)
-                head = ops._workspaces[torch.device("cuda", torch.cuda.current_device())][1]
-                assert ws[:head].eq(0).all(), "split-K counters not restored to zero"
-    finally:
-        _C.set_fused_max_m(-1)
-    assert fused_seen
-
-
 def check_gemm(shape, m, g):
     k, n = SHAPES[shape]
     t = make_layer(k, n, g, seed=m * 7 + k + n)
@@ -241,6 +195,10 @@ def test_bad_inputs_are_errors():
                            t["qqq_group"], ws, None, torch.float16)
     with pytest.raises(ValueError, match="workspace"):
         torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws[:10], None,
+                           torch.float16)
+    odd = torch.zeros(ops.workspace_size(128) + 5, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="multiple of 4"):  # its partial tiles would be misaligned
+        torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], odd, None,
                            torch.float16)
     misaligned = torch.zeros(4 * 256 + 1, device="cuda", dtype=torch.float16)[1:].view(4, 256)
     with pytest.raises(ValueError, match="16-byte aligned"):
