@@ -310,27 +310,23 @@ static void check_shapes(int out_dtype, int n, int k, int64_t workspace_entries)
   }
 }
 
-static void run(const Call& c, int out_dtype) {
-  if (c.m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
-    static const int sms = sm_count();
-    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, c.m, c.n,
-                    c.k, c.ws_partial, c.ws_count, sms, c.pdl, c.stream);
-  } else if (out_dtype == kFloat16) {
-    dispatch<half>(c);
-  } else {
-    dispatch<__nv_bfloat16>(c);
-  }
-}
-
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream) {
   check_shapes(out_dtype, n, k, workspace_entries);
   if (m == 0) return;
-  int* ws_partial = workspace + (workspace_entries - workspace_partial_entries(n));
-  run({a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
-       ws_partial, workspace, after_quant && pdl_allowed && pdl_supported(), stream},
-      out_dtype);
+  const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
+               workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
+               after_quant && pdl_allowed && pdl_supported(), stream};
+  if (m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
+    static const int sms = sm_count();
+    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
+                    c.ws_partial, c.ws_count, sms, c.pdl, stream);
+  } else if (out_dtype == kFloat16) {
+    dispatch<half>(c);
+  } else {
+    dispatch<__nv_bfloat16>(c);
+  }
 }
 
 void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,

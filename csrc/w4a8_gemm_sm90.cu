@@ -366,7 +366,7 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
 #define QQQ_TILE(BM_, STAGES_, RS_)                                                             \
   if (bm == BM_ && stages == STAGES_ && rs == RS_) {                                              \
     return launch<Out, BM_, STAGES_, GROUPED, RS_>(a, a_scale, b, scale, group, bias, out, m, n, \
-                                                   k, ws_partial, ws_count, sms, pdl, stream);        \
+                                                   k, ws_partial, ws_count, sms, pdl, stream);   \
   }
   QQQ_TILE(64, 4, false)
   QQQ_TILE(64, 8, false)
