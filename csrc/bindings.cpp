@@ -36,20 +36,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"),
       py::arg("after_quant") = false);
-  m.def(
-      "linear",
-      [](uintptr_t x, int dtype, uintptr_t q, uintptr_t q_scale, uintptr_t b, uintptr_t scale,
-         uintptr_t group, uintptr_t bias, uintptr_t out, int rows, int n, int k,
-         uintptr_t workspace, int64_t workspace_entries, uintptr_t stream) {
-        qqq::w4a8_linear(ptr<const void>(x), dtype, ptr<int8_t>(q), ptr<float>(q_scale),
-                         ptr<const uint32_t>(b), ptr<const float>(scale), ptr<const void>(group),
-                         ptr<const void>(bias), ptr<void>(out), rows, n, k, ptr<int>(workspace),
-                         workspace_entries, reinterpret_cast<cudaStream_t>(stream));
-      },
-      py::arg("x"), py::arg("dtype"), py::arg("q"), py::arg("q_scale"), py::arg("b"),
-      py::arg("scale"), py::arg("group"), py::arg("bias"), py::arg("out"), py::arg("m"),
-      py::arg("n"), py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"),
-      py::arg("stream"));
   m.def("wgmma_available", &qqq::wgmma_available,
         "Whether the Hopper wgmma kernel can run on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),

@@ -26,13 +26,6 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
                int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream);
 
-// y = x @ W for fp16/bf16 activations x [m, k], out in x's dtype: quant_per_token into q [m, k]
-// and q_scale [m], then w4a8_gemm launched after it (after_quant). (One kernel quantizing its own
-// activations at few tokens was measured no faster on the H100: NOTES.md "GEMM".)
-void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,
-                 const float* scale, const void* group, const void* bias, void* out, int m, int n,
-                 int k, int* workspace, int64_t workspace_entries, cudaStream_t stream);
-
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
 // one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes
 // last), then, at the END of the buffer, the split-K partial tiles: kWgmmaPartialRows x N entries

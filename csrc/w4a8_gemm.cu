@@ -294,7 +294,9 @@ static void dispatch(const Call& c) {
   }
 }
 
-static void check_shapes(int out_dtype, int n, int k, int64_t workspace_entries) {
+void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+               const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
+               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument(
         "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
@@ -308,12 +310,6 @@ static void check_shapes(int out_dtype, int n, int k, int64_t workspace_entries)
   if (workspace_entries % 4) {  // the partial tiles at its end are read in 16-byte pieces
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace entries must be a multiple of 4");
   }
-}
-
-void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-               const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream) {
-  check_shapes(out_dtype, n, k, workspace_entries);
   if (m == 0) return;
   const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
@@ -327,16 +323,6 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   } else {
     dispatch<__nv_bfloat16>(c);
   }
-}
-
-void w4a8_linear(const void* x, int dtype, int8_t* q, float* q_scale, const uint32_t* b,
-                 const float* scale, const void* group, const void* bias, void* out, int m, int n,
-                 int k, int* workspace, int64_t workspace_entries, cudaStream_t stream) {
-  check_shapes(dtype, n, k, workspace_entries);
-  if (m == 0) return;
-  quant_per_token(x, dtype, m, k, q, q_scale, stream);
-  w4a8_gemm(q, q_scale, b, scale, group, bias, out, dtype, m, n, k, workspace, workspace_entries,
-            true, stream);
 }
 
 }  // namespace qqq

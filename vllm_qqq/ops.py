@@ -177,7 +177,7 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.T
          out_dtype: torch.dtype) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
     (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel."""
-    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype)
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant=False)
 
 
 @gemm.register_fake
@@ -188,29 +188,11 @@ def _(a, a_scale, b, scale, group, workspace, bias, out_dtype):
 @torch.library.custom_op("qqq::linear", mutates_args=("workspace",), device_types=("cpu", "cuda"))
 def linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
            workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] fp16/bf16 -> x @ W in x's dtype: the per-token quantization and the GEMM in one
-    op. On CUDA the extension picks by M: up to a few tokens one kernel quantizes its own
-    activations; above, quant_per_token, then the GEMM launched to start while the quantization
-    finishes and prefetch its weights (sm_90+, programmatic dependent launch; csrc/kernels.h)."""
-    if x.device.type == "cpu" or x.dtype not in _DTYPE_CODE:
-        a, a_scale = quant_per_token(x)
-        return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype)
-    if x.dim() != 2 or not x.is_contiguous() or x.data_ptr() % 16:
-        raise ValueError(f"qqq.linear needs a contiguous, 16-byte aligned 2-D tensor, got "
-                         f"{list(x.shape)} contiguous={x.is_contiguous()}")
-    m, k = x.shape
-    n = b.shape[1] * 8
-    # The quantized activations, written only where the extension does not fuse.
-    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-    q_scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    _check_gemm_args(q, q_scale, b, scale, group, workspace, bias, x.dtype, m, k, n)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        _C.linear(x.data_ptr(), _DTYPE_CODE[x.dtype], q.data_ptr(), q_scale.data_ptr(),
-                  b.data_ptr(), scale.data_ptr(), group.data_ptr() if group.numel() else 0,
-                  bias.data_ptr() if bias is not None else 0, out.data_ptr(), m, n, k,
-                  workspace.data_ptr(), workspace.numel(), _stream(x))
-    return out
+    """x [M, K] fp16/bf16 -> x @ W in x's dtype: quant_per_token, then gemm, launched back to back
+    in one op so that (on sm_90+) the GEMM may start while the quantization finishes and
+    prefetch its weights (programmatic dependent launch; csrc/kernels.h, after_quant)."""
+    a, a_scale = quant_per_token(x)
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, after_quant=True)
 
 
 @linear.register_fake
@@ -218,7 +200,7 @@ def _(x, b, scale, group, workspace, bias):
     return x.new_empty((x.shape[0], b.shape[1] * 8))
 
 
-def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype):
+def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant):
     m, k = a.shape
     n = b.shape[1] * 8
     _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
@@ -230,7 +212,7 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype):
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
                 group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
                 out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
-                workspace.numel(), _stream(a))
+                workspace.numel(), _stream(a), after_quant)
     return out
 
 
