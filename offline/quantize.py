@@ -91,7 +91,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     out = write_checkpoint(out_dir, state, config, group_size, model_dir,
                            extra={"smooth": bool(calibrated and smooth),
                                   "gptq": bool(calibrated and gptq), "rotate": rotate,
-                                  "rotate_heads": bool(rotate and rotate_heads)})
+                                  "rotate_heads": bool(rotate and rotate_heads),
+                                  "calibration": f"{nsamples} x {seqlen}" if calibrated else None})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
              time.time() - start, peak, out)

@@ -68,6 +68,9 @@ def main():
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the checkpoints already in <cache>/study instead of "
+                             "quantizing again (to re-score them under another protocol)")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -100,18 +103,23 @@ def main():
             group, smooth, gptq, rotate, *more = spec
             heads, clip = (list(more) + [False, False])[:2]
             target = args.cache / "study" / name.replace("/", "_g")
-            if target.exists():
+            if target.exists() and not args.reuse:
                 shutil.rmtree(target)
-            quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
-                           nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                           rotate=rotate, rotate_heads=heads, clip=clip)
+            if not target.exists():
+                quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
+                               nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                               rotate=rotate, rotate_heads=heads, clip=clip)
+        calibration = None if spec is None else f"{args.nsamples} x {args.seqlen}"
         if spec != "reference":
             model = load_model(target)
+        if spec not in (None, "reference"):
+            qc = json.loads((Path(target) / "config.json").read_text()).get("quantization_config")
+            calibration = qc.get("calibration", calibration)
         ppl = perplexity(model, windows)
         rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                      "method": name.split("/")[0], "group_size": group, "ppl": ppl,
                      "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
-                     "seconds": round(time.time() - start, 1)})
+                     "seconds": round(time.time() - start, 1), "calibration": calibration})
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({time.time() - start:.0f} s)", flush=True)

@@ -75,13 +75,14 @@ for step in "$@"; do
       ;;
     ncu)
       # Nsight Compute on single launches (NCU_RUNS: impl:shape:M:kernel-regex, space separated):
-      # speed of light, memory and warp-stall sections, one report per run in ncu.log.
+      # speed of light, memory and warp-stall sections, one report per run in ncu.log; NCU_EXTRA:
+      # more ncu options (e.g. --section SourceCounters for the stall sites).
       sections="--section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats --section InstructionStats --metrics regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
       for run in ${NCU_RUNS:-qqq_channel:gate_up:4096:w4a8 qqq_channel:gate_up:128:w4a8 qqq_channel:gate_up:1:w4a8 qqq_channel:qkv:1:w4a8|quant w8a8_cutlass:gate_up:4096:cutlass|Kernel}; do
         IFS=: read -r impl shape m regex <<< "$run"
         echo "##### $impl $shape M=$m" | tee -a "$out/ncu.log"
         (cd benchmarks && ncu --clock-control none --kernel-name "regex:$regex" --launch-skip 2 \
-          --launch-count $([[ $regex == *quant* ]] && echo 2 || echo 1) $sections \
+          --launch-count $([[ $regex == *quant* ]] && echo 2 || echo 1) $sections ${NCU_EXTRA:-} \
           python3 profile_gemm.py --impl $impl --shape $shape --m $m) >> "$out/ncu.log" 2>&1 || status=1
       done
       grep -E "^#####|Duration|Throughput|Pipe|Stall|Issued|Eligible|Registers|Achieved Occ|Bank|issue_stalled" "$out/ncu.log" | head -150
