@@ -328,6 +328,8 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // tile that still gives ~0.7 CTAs per SM, counting split-K only where each split keeps >= 32 k
 // blocks (shorter splits lost to smaller tiles: qkv M=128, 64 tokens 26 us vs 128 tokens split
 // in 2, 30 us; down M=256, 128 tokens split in 2, 71 us vs 64 tokens, 83 us); else 64 tokens.
+// The 256-token tile is skipped where it computes over 1/8 more padding tokens than the 128-token
+// one (gate_up M = 384: 131.6 us vs 104.6 with 128-token tiles from registers; sixth session).
 // 64-token tiles run 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 4 slots (two
 // CTAs per SM, ~100 KB each). A 128-token tile with more tiles than SMs feeds the decoded
 // weights to wgmma from registers: without the shared A buffers two CTAs fit per SM, four
@@ -345,8 +347,11 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
                                 : 1;
     return tiles(tile) * deep_splits;
   };
+  // Tokens computed past M: the 256-token tile pads M = 384 to 512, the 128-token one not at all.
+  auto padding = [&](int tile) { return (m + tile - 1) / tile * tile - m; };
   bm = 64;
   for (int tile : {256, 128}) {
+    if (tile == 256 && 8 * (padding(256) - padding(128)) > (m + 255) / 256 * 256) continue;
     if (m > tile / 2 && 10 * ctas(tile) >= 7 * sms) {
       bm = tile;
       break;
