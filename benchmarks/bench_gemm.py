@@ -70,9 +70,9 @@ setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
 
 
-def setup_qqq_tile(bm, stages, registers_a=False):
+def setup_qqq_tile(bm, stages, registers_a=False, producer_warp=False):
     def force(c):
-        c.set_wgmma_tile(bm, stages, registers_a)
+        c.set_wgmma_tile(bm, stages, registers_a, producer_warp)
         c.set_wgmma_min_m(1)
 
     def restore(c):
@@ -169,9 +169,10 @@ IMPLS = {
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
-    **{f"qqq_tile_{bm}x{st}": setup_qqq_tile(bm, st)
-       for bm, st in ((64, 4), (64, 8), (128, 4), (256, 4))},
+    **{f"qqq_tile_{bm}x{st}": setup_qqq_tile(bm, st) for bm, st in ((64, 4), (64, 8))},
     "qqq_tile_rs_128x4": setup_qqq_tile(128, 4, True),
+    "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, False, True),
+    "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, False, True),
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

@@ -59,7 +59,8 @@ void set_wgmma_min_m(int m);
 // Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
 void set_pdl(bool on);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the decoded weights fed to
-// wgmma from registers or shared memory; bm = 0: chosen by M.
-void set_wgmma_tile(int bm, int stages, bool registers_a);
+// wgmma from registers or shared memory, the loads by every thread (cp.async) or by a producer
+// warp (the copy engine); bm = 0: chosen by M.
+void set_wgmma_tile(int bm, int stages, bool registers_a, bool producer_warp);
 
 }  // namespace qqq

@@ -2,16 +2,22 @@
 // out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
 // M) and the CTA's BM tokens are wgmma's N; the activations come from 128B-swizzled shared memory.
 //
-// Per stage of 128 k: cp.async brings the int8 activations (BM x 128) and the 4-bit weights (the
-// kernel layout of vllm_qqq/ops.py) into a ring of STAGES slots; each warpgroup decodes its
-// weights to int8 (decode.cuh) and issues 4 wgmma m64nBMk32. The decoded weights go to wgmma
-// either through a double-buffered shared-memory A tile per warpgroup (SS: one stage's wgmmas
-// stay in flight while the next stage decodes) or straight from registers (RS: ptxas then
-// serializes each stage's wgmmas with the next decode, C7513, but the CTA needs 32 KB less shared
-// memory, so two 128-token CTAs share an SM and their four warpgroups keep the tensor cores busy;
-// see choose_tile). Measured on the H100 (NOTES.md "GEMM"): the loop was bound by its instruction
-// stream, not by memory or the tensor cores, until each thread's copy addresses were computed
-// once (gate_up M=4096: 1335 -> 933 us).
+// Per stage of 128 k, the int8 activations (BM x 128) and the 4-bit weights (the kernel layout of
+// vllm_qqq/ops.py) land in a ring of STAGES slots; each warpgroup decodes its weights to int8
+// (decode.cuh) and issues 4 wgmma m64nBMk32. Two ways to fill the ring:
+// - a producer warp (TMA; the 128- and 256-token tiles through shared memory): the copy engine
+//   brings the activations as swizzled boxes of a tensor map and the weights as bulk copies,
+//   completing on a full barrier per slot; the math warpgroups release a slot on its empty
+//   barrier once their wgmmas that read it retire. No CTA barrier per stage and no copy
+//   instructions in the math warps (measured 6-18% faster than the next way: NOTES.md "GEMM").
+// - every thread issuing cp.async (stage_copies.cuh) at the top of each stage, after a CTA
+//   barrier (the 64-token tiles and the 128-token tile with the weights from registers).
+// The decoded weights go to wgmma through shared-memory A buffers per warpgroup (SS: one stage's
+// wgmmas stay in flight while the next stage decodes; three buffers with the producer warp, where
+// no CTA barrier orders a buffer's reuse) or straight from registers (RS: ptxas then serializes
+// each stage's wgmmas with the next decode, C7513, but the CTA needs 32 KB less shared memory, so
+// two 128-token CTAs share an SM and their four warpgroups keep the tensor cores busy; see
+// choose_tile).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
 // waits on memory rather than on the tensor cores.
@@ -30,6 +36,9 @@
 #include "decode.cuh"
 #include "kernels.h"
 #include "stage_copies.cuh"
+#include "tma.cuh"
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include "wgmma.cuh"
 
 namespace qqq {
@@ -41,32 +50,39 @@ constexpr int kThreads = kWarpgroups * 128;
 constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 
 // BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
-// STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded).
-template <int BM, int STAGES, bool RS>
+// STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
+// fills the ring with the copy engine, ahead as far as the slots the math warps have released.
+template <int BM, int STAGES, bool RS, bool TMA>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
+  static_assert(!(RS && TMA), "the producer-warp tiles feed wgmma from shared memory");
   static constexpr int X_BYTES = BM * kBK;
   static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
-  // Decoded weights, 2 buffers per warpgroup, unless they go to wgmma from registers (RS).
-  static constexpr int A_BYTES = RS ? 0 : kWarpgroups * 2 * 64 * kBK;
+  // Decoded weights per warpgroup: 2 buffers, unless they go to wgmma from registers (RS); 3
+  // with the producer warp, where no CTA barrier separates a buffer's reuse from the wgmmas that
+  // read it two stages before.
+  static constexpr int A_BUFFERS = RS ? 0 : (TMA ? 3 : 2);
+  static constexpr int A_BYTES = kWarpgroups * A_BUFFERS * 64 * kBK;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
   static constexpr int ACC_PITCH = kBN + 4;  // staged int32 row: conflict-free writes, 16B rows
   static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool RS>
-__global__ void __launch_bounds__(kThreads, 1)
+// With TMA, one more warp (the producer) after the two math warpgroups.
+template <typename Out, int BM, int STAGES, bool GROUPED, bool RS, bool TMA>
+__global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
                            Out* __restrict__ out, int m, int n, int k,
-                           int* __restrict__ ws_partial, int* __restrict__ ws_count) {
+                           int* __restrict__ ws_partial, int* __restrict__ ws_count,
+                           const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM, STAGES, RS>;
+  using T = Tile<BM, STAGES, RS, TMA>;
   static_assert(!RS || BM == 128, "weights from registers: measured and built for 128 tokens");
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
@@ -88,27 +104,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::X_BYTES + T::W_BYTES);
   };
 
-  // Each call loads the next stage of its operand into slot s.
-  StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
-  auto load_x = [&](int s) { copies.activations(stage_x(s)); };
-  auto load_w = [&](int s) { copies.weights(stage_w(s), stage_s(s)); };
-
-  // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
-  // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
-  // wgmma of it - 1 may still run as this iteration decodes.
-  // The weights of the first stages are requested before waiting for the kernel that wrote the
-  // activations (programmatic dependent launch); they join the first cp.async group.
-#pragma unroll
-  for (int s = 0; s < kStages - 2; s++) {
-    if (s < iters) load_w(s);
-  }
-  wait_for_prior_grid();
-#pragma unroll
-  for (int s = 0; s < kStages - 2; s++) {
-    if (s < iters) load_x(s);
-    cp_async_commit();
-  }
-
   // This warp's 16 rows are the n8 tiles tile0 and tile0 + 1 of the CTA's kBN channels; in the
   // A tile they are rows row and row + 8 (row % 8 == lane / 4).
   const int tile0 = (warp / 4) * 8 + (warp % 4) * 2;
@@ -117,19 +112,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The decoded weights of a stage in the wgmma A-fragment order (RS): two buffers, by the
   // stage's parity, so a stage decodes while the previous one's wgmmas still read theirs.
   uint32_t afrag[2][kBK / 32][4];
-  auto stage = [&](auto parity, int it) {
-    constexpr int p = decltype(parity)::value;
-    cp_async_wait<kStages - 3>();
-    fence_proxy_async();
-    __syncthreads();
-    // The slot of stage it - 2 is free: both warpgroups waited for its wgmmas before this barrier.
-    if (it + kStages - 2 < iters) {
-      load_x((it + kStages - 2) % kStages);
-      load_w((it + kStages - 2) % kStages);
-    }
-    cp_async_commit();
 
-    const int s = it % kStages;
+  // Stage it (in slot s): decode this warpgroup's weights into the A buffer at sa (SS) or
+  // afrag[p] (RS), then issue and commit its four wgmmas.
+  auto multiply = [&](auto parity, int it, int s, uint8_t* sa) {
+    constexpr int p = decltype(parity)::value;
     const uint32_t* sw = stage_w(s);
     uint32_t s_lo = 0, s_hi = 0;
     if constexpr (GROUPED) {
@@ -138,9 +125,8 @@ __global__ void __launch_bounds__(kThreads, 1)
              0x10001u;
     }
     // Decode: for k32 step ks, lo = rows `row`, hi = rows row + 8; [0] k 0-15, [1] k 16-31.
-    // SS: into this warpgroup's A buffer for this parity, 128B-swizzled like the activations
-    // (the words of step ks land in chunks 2 ks and 2 ks + 1). RS: into afrag[p].
-    uint8_t* sa = smem + kStages * T::STAGE_BYTES + ((warp / 4) * 2 + p) * 64 * kBK;
+    // SS: 128B-swizzled like the activations (the words of step ks land in chunks 2 ks and
+    // 2 ks + 1).
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint32_t w_lo = sw[ks * kBN * 4 + tile0 * 32 + lane];
@@ -198,17 +184,123 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma_commit();
     pin_registers(acc);
-    wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
   };
-  // Unrolled by two so that the parity (which A buffer) is known at compile time.
-  for (int it = 0; it < iters; it += 2) {
-    stage(std::integral_constant<int, 0>{}, it);
-    if (it + 1 < iters) stage(std::integral_constant<int, 1>{}, it + 1);
+  // A barrier of the threads that run the epilogue (with TMA the producer warp has left).
+  auto sync_math = [] {
+    if constexpr (TMA) {
+      asm volatile("bar.sync 3, %0;\n" ::"n"(kThreads) : "memory");
+    } else {
+      __syncthreads();
+    }
+  };
+  uint8_t* const a_buffers = smem + kStages * T::STAGE_BYTES + (warp / 4) * T::A_BUFFERS * 64 * kBK;
+
+  if constexpr (TMA) {
+    // full[s]: slot s holds its stage (the producer's arrival and the copies' bytes); empty[s]:
+    // every math warp is done with it (its wgmmas retired).
+    __shared__ uint64_t full[kStages], empty[kStages];
+    if (tid == 0) {
+      for (int s = 0; s < kStages; s++) {
+        mbarrier_init(&full[s], 1);
+        mbarrier_init(&empty[s], kThreads / 32);
+      }
+      fence_mbarrier_init();
+    }
+    __syncthreads();
+    if (warp == kThreads / 32) {
+      if (lane == 0) {
+        // The copies of a stage: the CTA's valid n8 tiles of each k32 step (contiguous in the
+        // kernel layout), their group scales, and the activation box (rows past M read as 0).
+        const int n8_tiles = n / 8, tiles_here = min(kBN / 8, n8_tiles - n0 / 8);
+        const uint32_t w_bytes = tiles_here * 128, g_bytes = tiles_here * 16;
+        const uint32_t stage_bytes = 4 * w_bytes + (GROUPED ? g_bytes : 0) + BM * kBK;
+        auto load_w = [&](int j) {
+          const int kb = kb_begin + j, s = j % kStages;
+#pragma unroll
+          for (int ks = 0; ks < kBK / 32; ks++) {
+            bulk_copy(stage_w(s) + ks * kBN * 4,
+                      b + (static_cast<size_t>(kb * 4 + ks) * n8_tiles + n0 / 8) * 32, w_bytes,
+                      &full[s]);
+          }
+          if constexpr (GROUPED) {
+            bulk_copy(stage_s(s), group + static_cast<size_t>(kb) * n + n0, g_bytes, &full[s]);
+          }
+        };
+        auto load_x = [&](int j) {
+          tensor_copy_2d(stage_x(j % kStages), &x_map, (kb_begin + j) * kBK, m0,
+                         &full[j % kStages]);
+        };
+        // The weights of the first stages before waiting for the kernel that wrote the
+        // activations (programmatic dependent launch).
+        const int first = min(kStages, iters);
+        for (int j = 0; j < first; j++) {
+          mbarrier_arrive_expect(&full[j], stage_bytes);
+          load_w(j);
+        }
+        wait_for_prior_grid();
+        for (int j = 0; j < first; j++) load_x(j);
+        for (int j = first; j < iters; j++) {
+          mbarrier_wait(&empty[j % kStages], (j / kStages - 1) & 1);
+          mbarrier_arrive_expect(&full[j % kStages], stage_bytes);
+          load_w(j);
+          load_x(j);
+        }
+      }
+      return;  // the math warps alone run the epilogue (named barrier 3)
+    }
+    wait_for_prior_grid();  // before the epilogue reads a_scale and the workspace
+    for (int it = 0; it < iters; it++) {
+      const int s = it % kStages;
+      mbarrier_wait(&full[s], (it / kStages) & 1);
+      multiply(std::integral_constant<int, 0>{}, it, s, a_buffers + (it % 3) * 64 * kBK);
+      wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
+      if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
+    }
+  } else {
+    // Each call loads the next stage of its operand into slot s.
+    StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
+    auto load_x = [&](int s) { copies.activations(stage_x(s)); };
+    auto load_w = [&](int s) { copies.weights(stage_w(s), stage_s(s)); };
+
+    // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
+    // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
+    // wgmma of it - 1 may still run as this iteration decodes.
+    // The weights of the first stages are requested before waiting for the kernel that wrote the
+    // activations (programmatic dependent launch); they join the first cp.async group.
+#pragma unroll
+    for (int s = 0; s < kStages - 2; s++) {
+      if (s < iters) load_w(s);
+    }
+    wait_for_prior_grid();
+#pragma unroll
+    for (int s = 0; s < kStages - 2; s++) {
+      if (s < iters) load_x(s);
+      cp_async_commit();
+    }
+    auto stage = [&](auto parity, int it) {
+      cp_async_wait<kStages - 3>();
+      fence_proxy_async();
+      __syncthreads();
+      // The slot of stage it - 2 is free: both warpgroups waited for its wgmmas before this
+      // barrier.
+      if (it + kStages - 2 < iters) {
+        load_x((it + kStages - 2) % kStages);
+        load_w((it + kStages - 2) % kStages);
+      }
+      cp_async_commit();
+      multiply(parity, it, it % kStages, a_buffers + decltype(parity)::value * 64 * kBK);
+      wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
+    };
+    // Unrolled by two so that the parity (which A buffer) is known at compile time.
+    for (int it = 0; it < iters; it += 2) {
+      stage(std::integral_constant<int, 0>{}, it);
+      if (it + 1 < iters) stage(std::integral_constant<int, 1>{}, it + 1);
+    }
   }
   wgmma_wait<0>();
   pin_registers(acc);
   cp_async_wait<0>();
-  __syncthreads();
+  sync_math();
 
   // Stage the int32 tile [token][channel]: acc[4 j + 2 h + c] is channel 16 (warp % 4) + g + 8 h
   // of this warpgroup's 64 and token 8 j + 2 (lane % 4) + c.
@@ -222,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int c = 0; c < 2; c++) {
         staged[(8 * j + 2 * (lane % 4) + c) * T::ACC_PITCH + ch_base + 8 * h] = acc[4 * j + 2 * h + c];
       }
-  __syncthreads();
+  sync_math();
 
   constexpr int kChunks = kBN / 8;  // pieces of 8 channels per row
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
@@ -241,10 +333,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       __stcg(dst + 1, src[1]);
     }
     __threadfence();
-    __syncthreads();
+    sync_math();
     __shared__ int last;
     if (tid == 0) last = atomicAdd(ws_count + tile, 1) == splits - 1;
-    __syncthreads();
+    sync_math();
     if (!last) return;
     __threadfence();
     if (tid == 0) ws_count[tile] = 0;  // ready for the next call
@@ -294,16 +386,46 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool RS>
+// The tensor map of the int8 activations [m, k] for the copy engine: boxes of bm rows x 128 bytes
+// stored with the 128-byte swizzle (the layout wgmma_desc_sw128 describes); rows past m read 0.
+static CUtensorMap activation_map(const int8_t* a, int m, int k, int bm) {
+  static const auto encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                cudaEnableDefault, &found),
+               "cuTensorMapEncodeTiled lookup");
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      throw std::runtime_error("vllm_qqq: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m)};
+  const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(k)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(bm)}, steps[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(a), dims,
+                            row_bytes, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error("vllm_qqq: cuTensorMapEncodeTiled failed (" + std::to_string(r) +
+                             ")");
+  }
+  return map;
+}
+
+template <typename Out, int BM, int STAGES, bool GROUPED, bool RS, bool TMA>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS>;
-  constexpr int smem = Tile<BM, STAGES, RS>::SMEM_BYTES;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS, TMA>;
+  constexpr int smem = Tile<BM, STAGES, RS, TMA>::SMEM_BYTES;
+  constexpr int threads = TMA ? kThreads + 32 : kThreads;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem),
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem),
                "occupancy");
     return std::max(blocks, 1);
   }();
@@ -316,10 +438,11 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
     const int fit = static_cast<int>(workspace_partial_entries(n) / tile_entries);
     splits = std::max(1, std::min({sms * per_sm / (n_tiles * m_tiles), (k / kBK) / 8, fit}));
   }
-  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(kThreads), smem, stream, pdl,
+  const CUtensorMap x_map = TMA ? activation_map(a, m, k, BM) : CUtensorMap{};
+  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(threads), smem, stream, pdl,
                 "w4a8_gemm_wgmma launch", a, a_scale, b, scale, group,
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k, ws_partial,
-                ws_count);
+                ws_count, x_map);
 }
 
 // The tile for (M, N), unless set_wgmma_tile forced one. Measured on the H100 (NOTES.md "GEMM",
@@ -336,9 +459,9 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // warpgroups take turns on the tensor cores (gate_up M=128: 51.9 -> 39.9 us; with fewer tiles
 // than SMs the register path, which ptxas serializes per stage (C7513), lost: down M=128 52 vs 40).
 static int forced_bm = 0, forced_stages = 0;
-static bool forced_rs = false;
+static bool forced_rs = false, forced_tma = false;
 
-static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& rs) {
+static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& rs, bool& tma) {
   const int n_tiles = (n + kBN - 1) / kBN;
   auto tiles = [&](int tile) { return n_tiles * ((m + tile - 1) / tile); };
   auto ctas = [&](int tile) {
@@ -359,6 +482,10 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   }
   stages = bm == 64 ? (tiles(64) > sms ? 4 : 8) : 4;
   rs = bm == 128 && tiles(128) > sms;
+  // The 128- and 256-token tiles through shared memory run with the producer warp (sixth
+  // session: 6-11% faster at M >= 1024, 10-18% at M = 128-256, gemm_h100_producer_warp.log).
+  tma = bm == 256 || (bm == 128 && !rs);
+  if (tma && bm == 128) stages = 6;
 }
 
 template <typename Out, bool GROUPED>
@@ -366,21 +493,22 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages;
-  bool rs = forced_rs;
-  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, rs);
-#define QQQ_TILE(BM_, STAGES_, RS_)                                                             \
-  if (bm == BM_ && stages == STAGES_ && rs == RS_) {                                              \
-    return launch<Out, BM_, STAGES_, GROUPED, RS_>(a, a_scale, b, scale, group, bias, out, m, n, \
-                                                   k, ws_partial, ws_count, sms, pdl, stream);   \
+  bool rs = forced_rs, tma = forced_tma;
+  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, rs, tma);
+#define QQQ_TILE(BM_, STAGES_, RS_, TMA_)                                                       \
+  if (bm == BM_ && stages == STAGES_ && rs == RS_ && tma == TMA_) {                             \
+    return launch<Out, BM_, STAGES_, GROUPED, RS_, TMA_>(a, a_scale, b, scale, group, bias, out, \
+                                                         m, n, k, ws_partial, ws_count, sms, pdl, \
+                                                         stream);                                \
   }
-  QQQ_TILE(64, 4, false)
-  QQQ_TILE(64, 8, false)
-  QQQ_TILE(128, 4, false)
-  QQQ_TILE(256, 4, false)
-  QQQ_TILE(128, 4, true)
+  QQQ_TILE(64, 4, false, false)
+  QQQ_TILE(64, 8, false, false)
+  QQQ_TILE(128, 4, true, false)
+  QQQ_TILE(128, 6, false, true)
+  QQQ_TILE(256, 4, false, true)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
-                              std::to_string(stages) + " stages");
+                              std::to_string(stages) + " stages" + (tma ? " (producer warp)" : ""));
 }
 
 }  // namespace sm90
@@ -394,7 +522,7 @@ bool wgmma_available() {
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false>) !=
+    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, true, false>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -404,10 +532,11 @@ bool wgmma_available() {
   return yes;
 }
 
-void set_wgmma_tile(int bm, int stages, bool registers_a) {
+void set_wgmma_tile(int bm, int stages, bool registers_a, bool producer_warp) {
   sm90::forced_bm = bm;
   sm90::forced_stages = stages;
   sm90::forced_rs = registers_a;
+  sm90::forced_tma = producer_warp;
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,

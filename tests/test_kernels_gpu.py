@@ -17,7 +17,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 # tiles (64, 128, 256) full and partial.
 M_ALL = [1, 2, 7, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens x pipeline stages x weights from registers), w4a8_gemm_sm90.cu.
-WGMMA_TILES = [(64, 4, False), (64, 8, False), (128, 4, False), (256, 4, False), (128, 4, True)]
+# (tokens, slots, decoded weights from registers, loads by a producer warp): every built tile.
+WGMMA_TILES = [(64, 4, False, False), (64, 8, False, False), (128, 4, True, False),
+               (128, 6, False, True), (256, 4, False, True)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
@@ -89,14 +91,14 @@ def test_mma_kernel_above_16_matches_reference(shape, m, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("bm,stages,registers_a", WGMMA_TILES)
-def test_every_wgmma_tile_matches_reference(bm, stages, registers_a, g):
+@pytest.mark.parametrize("bm,stages,registers_a,producer_warp", WGMMA_TILES)
+def test_every_wgmma_tile_matches_reference(bm, stages, registers_a, producer_warp, g):
     """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
     split-K and not, a partial N tile), not only where the dispatch picks it."""
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
-    _C.set_wgmma_tile(bm, stages, registers_a)
+    _C.set_wgmma_tile(bm, stages, registers_a, producer_warp)
     _C.set_wgmma_min_m(1)
     try:
         for shape, m in (("llama3_qkv", 1), ("llama3_down", 50), ("small_partial_n", 130),
