@@ -87,7 +87,7 @@ def main():
                 "Northanger Abbey, Persuasion, Sense and Sensibility. Evaluation (held out): the "
                 "first windows of Pride and Prejudice.",
         "protocol": f"non-overlapping windows of {args.eval_seqlen} tokens, first "
-                    f"{args.eval_windows}; calibration {args.nsamples} x {args.seqlen} tokens; "
+                    f"{args.eval_windows}; calibration samples x tokens per row ('calibration'); "
                     "fake-quant PyTorch path (CPU)",
     })
     rows = [r for r in report.get("rows", []) if f"{r['method']}/{r['group_size']}"
@@ -114,7 +114,8 @@ def main():
             model = load_model(target)
         if spec not in (None, "reference"):
             qc = json.loads((Path(target) / "config.json").read_text()).get("quantization_config")
-            calibration = qc.get("calibration", calibration)
+            calibrated = qc.get("smooth") or qc.get("gptq")  # RTN and rotation alone need no data
+            calibration = qc.get("calibration", calibration if calibrated else None)
         ppl = perplexity(model, windows)
         rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                      "method": name.split("/")[0], "group_size": group, "ppl": ppl,
