@@ -91,6 +91,7 @@ def test_calibrated_checkpoint(tiny_fp16, calib_text, tmp_path):
     out = quantize_model(tiny_fp16, tmp_path / "q", 128, calib=calib_text, nsamples=8, seqlen=64)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["smooth"] and qc["gptq"] and qc["group_size"] == 128
+    assert qc["calibration"] == "8 x 64"  # what the checkpoint was calibrated on, recorded
     from offline.fake_quant import load_fake_quant_model  # unpacks and checks every tensor
     fq = load_fake_quant_model(out)
     fp = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)

@@ -21,6 +21,7 @@ def test_checkpoint_reloads_bit_identically(tiny_fp16, qqq_checkpoints, g):
     qc = config["quantization_config"]
     assert (qc["quant_method"], qc["wbits"], qc["group_size"]) == ("qqq", 4, g)
     assert qc["smooth"] is False and qc["gptq"] is False  # no calibration text: RTN
+    assert qc["calibration"] is None
     assert (out / "tokenizer.json").is_file()
     stored = load_file(str(out / "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype="auto")
