@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
         // kernel layout), their group scales, and the activation box (rows past M read as 0).
         const int n8_tiles = n / 8, tiles_here = min(kBN / 8, n8_tiles - n0 / 8);
         const uint32_t w_bytes = tiles_here * 128, g_bytes = tiles_here * 16;
-        const uint32_t stage_bytes = 4 * w_bytes + (GROUPED ? g_bytes : 0) + BM * kBK;
+        const uint32_t stage_bytes = (kBK / 32) * w_bytes + (GROUPED ? g_bytes : 0) + BM * kBK;
         auto load_w = [&](int j) {
           const int kb = kb_begin + j, s = j % kStages;
 #pragma unroll
@@ -252,7 +252,8 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
     for (int it = 0; it < iters; it++) {
       const int s = it % kStages;
       mbarrier_wait(&full[s], (it / kStages) & 1);
-      multiply(std::integral_constant<int, 0>{}, it, s, a_buffers + (it % 3) * 64 * kBK);
+      multiply(std::integral_constant<int, 0>{}, it, s,
+               a_buffers + (it % T::A_BUFFERS) * 64 * kBK);
       wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
       if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
     }
@@ -483,7 +484,7 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   stages = bm == 64 ? (tiles(64) > sms ? 4 : 8) : 4;
   rs = bm == 128 && tiles(128) > sms;
   // The 128- and 256-token tiles through shared memory run with the producer warp (sixth
-  // session: 6-11% faster at M >= 1024, 10-18% at M = 128-256, gemm_h100_producer_warp.log).
+  // session: 6-12% faster at M >= 1024, 11-18% at M = 128-256, gemm_h100_producer_warp.log).
   tma = bm == 256 || (bm == 128 && !rs);
   if (tma && bm == 128) stages = 6;
 }

@@ -113,7 +113,7 @@ def main():
         if spec != "reference":
             model = load_model(target)
         if spec not in (None, "reference"):
-            qc = json.loads((Path(target) / "config.json").read_text()).get("quantization_config")
+            qc = json.loads((target / "config.json").read_text())["quantization_config"]
             calibrated = qc.get("smooth") or qc.get("gptq")  # RTN and rotation alone need no data
             calibration = qc.get("calibration", calibration if calibrated else None)
         ppl = perplexity(model, windows)
