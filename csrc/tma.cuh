@@ -56,4 +56,15 @@ __device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map
       : "memory");
 }
 
+// Every thread of this warpgroup now holds `count` registers (more, or fewer to leave them to the
+// other warpgroups); all of its threads must execute it.
+template <bool increase, int count>
+__device__ __forceinline__ void set_max_registers() {
+  if constexpr (increase) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(count));
+  } else {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(count));
+  }
+}
+
 }  // namespace qqq

@@ -5,19 +5,18 @@
 // Per stage of 128 k, the int8 activations (BM x 128) and the 4-bit weights (the kernel layout of
 // vllm_qqq/ops.py) land in a ring of STAGES slots; each warpgroup decodes its weights to int8
 // (decode.cuh) and issues 4 wgmma m64nBMk32. Two ways to fill the ring:
-// - a producer warp (TMA; the 128- and 256-token tiles through shared memory): the copy engine
-//   brings the activations as swizzled boxes of a tensor map and the weights as bulk copies,
-//   completing on a full barrier per slot; the math warpgroups release a slot on its empty
-//   barrier once their wgmmas that read it retire. No CTA barrier per stage and no copy
-//   instructions in the math warps (measured 6-18% faster than the next way: NOTES.md "GEMM").
+// - a producer (TMA): the copy engine brings the activations as swizzled boxes of a tensor map
+//   and the weights as bulk copies, completing on a full barrier per slot; the math warpgroups
+//   release a slot on its empty barrier once their wgmmas that read it retire. No CTA barrier
+//   per stage and no copy instructions in the math warps (measured 6-18% faster than the next
+//   way: NOTES.md "GEMM").
 // - every thread issuing cp.async (stage_copies.cuh) at the top of each stage, after a CTA
-//   barrier (the 64-token tiles and the 128-token tile with the weights from registers).
-// The decoded weights go to wgmma through shared-memory A buffers per warpgroup (SS: one stage's
-// wgmmas stay in flight while the next stage decodes; three buffers with the producer warp, where
-// no CTA barrier orders a buffer's reuse) or straight from registers (RS: ptxas then serializes
-// each stage's wgmmas with the next decode, C7513, but the CTA needs 32 KB less shared memory, so
-// two 128-token CTAs share an SM and their four warpgroups keep the tensor cores busy; see
-// choose_tile).
+//   barrier (the 128-token tile with two CTAs per SM, which has no room for a producer warp's
+//   registers).
+// The decoded weights go to wgmma straight from registers (RS: the 128- and 256-token tiles; two
+// register buffers by the stage's parity, so one stage's wgmmas stay in flight while the next
+// decodes) or, for the 64-token tiles, through shared-memory A buffers per warpgroup (SS; three
+// buffers, as no CTA barrier orders a buffer's reuse).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
 // waits on memory rather than on the tensor cores.
@@ -55,16 +54,16 @@ constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 template <int BM, int STAGES, bool RS, bool TMA>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
-  static_assert(!(RS && TMA), "the producer-warp tiles feed wgmma from shared memory");
+  static_assert(!RS || BM >= 128, "weights from registers: built for 128 and 256 tokens");
+  static_assert(RS || TMA, "shared-memory A buffers: built for the producer warp's ordering");
   static constexpr int X_BYTES = BM * kBK;
   static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
-  // Decoded weights per warpgroup: 2 buffers, unless they go to wgmma from registers (RS); 3
-  // with the producer warp, where no CTA barrier separates a buffer's reuse from the wgmmas that
-  // read it two stages before.
-  static constexpr int A_BUFFERS = RS ? 0 : (TMA ? 3 : 2);
+  // Decoded weights per warpgroup, unless they go to wgmma from registers (RS): 3 buffers, as no
+  // CTA barrier separates a buffer's reuse from the wgmmas that read it two stages before.
+  static constexpr int A_BUFFERS = RS ? 0 : 3;
   static constexpr int A_BYTES = kWarpgroups * A_BUFFERS * 64 * kBK;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
@@ -72,9 +71,18 @@ struct Tile {
   static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
-// With TMA, one more warp (the producer) after the two math warpgroups.
+// The producer after the two math warpgroups (TMA): one warp, or a whole warpgroup where the math
+// warpgroups need more registers than an even share (the 256-token tile with the weights in
+// registers: 128 accumulators + 32 weight registers per thread), which the producer warpgroup
+// then gives up (setmaxnreg works per warpgroup).
+template <bool RS, bool TMA, int BM>
+constexpr int kProducerThreads = !TMA ? 0 : (RS && BM == 256 ? 128 : 32);
+template <bool RS, bool TMA, int BM>
+constexpr bool kMoveRegisters = kProducerThreads<RS, TMA, BM> == 128;
+
 template <typename Out, int BM, int STAGES, bool GROUPED, bool RS, bool TMA>
-__global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
+__global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
+                                  BM == 64 || (RS && !TMA) ? 2 : 1)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
@@ -83,7 +91,6 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BM, STAGES, RS, TMA>;
-  static_assert(!RS || BM == 128, "weights from registers: measured and built for 128 tokens");
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -169,8 +176,10 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
       const bool accumulate = it > 0 || ks > 0;
-      if constexpr (RS) {
+      if constexpr (RS && BM == 128) {
         wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
+      } else if constexpr (RS) {
+        wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
       } else {
         const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
         if constexpr (BM == 64) {
@@ -207,8 +216,9 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
       fence_mbarrier_init();
     }
     __syncthreads();
-    if (warp == kThreads / 32) {
-      if (lane == 0) {
+    if (warp >= kThreads / 32) {
+      if constexpr (kMoveRegisters<RS, TMA, BM>) set_max_registers<false, 40>();
+      if (warp == kThreads / 32 && lane == 0) {
         // The copies of a stage: the CTA's valid n8 tiles of each k32 step (contiguous in the
         // kernel layout), their group scales, and the activation box (rows past M read as 0).
         const int n8_tiles = n / 8, tiles_here = min(kBN / 8, n8_tiles - n0 / 8);
@@ -248,15 +258,22 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
       }
       return;  // the math warps alone run the epilogue (named barrier 3)
     }
+    if constexpr (kMoveRegisters<RS, TMA, BM>) set_max_registers<true, 232>();
     wait_for_prior_grid();  // before the epilogue reads a_scale and the workspace
-    for (int it = 0; it < iters; it++) {
+    auto consume = [&](auto parity, int it) {
       const int s = it % kStages;
       mbarrier_wait(&full[s], (it / kStages) & 1);
-      multiply(std::integral_constant<int, 0>{}, it, s,
-               a_buffers + (it % T::A_BUFFERS) * 64 * kBK);
+      multiply(parity, it, s, RS ? nullptr : a_buffers + (it % 3) * 64 * kBK);
       wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
       if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
+    };
+    // By pairs for the register buffers' parity (RS), as in the loop below.
+    int it = 0;
+    for (; it + 1 < iters; it += 2) {
+      consume(std::integral_constant<int, 0>{}, it);
+      consume(std::integral_constant<int, 1>{}, it + 1);
     }
+    if (it < iters) consume(std::integral_constant<int, 0>{}, it);
   } else {
     // Each call loads the next stage of its operand into slot s.
     StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
@@ -289,14 +306,18 @@ __global__ void __launch_bounds__(TMA ? kThreads + 32 : kThreads, 1)
         load_w((it + kStages - 2) % kStages);
       }
       cp_async_commit();
-      multiply(parity, it, it % kStages, a_buffers + decltype(parity)::value * 64 * kBK);
-      wgmma_wait<1>();  // the previous stage's wgmma is done: its A buffer and slot are free
+      multiply(parity, it, it % kStages, nullptr);  // RS: the weights stay in registers
+      wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
     };
-    // Unrolled by two so that the parity (which A buffer) is known at compile time.
-    for (int it = 0; it < iters; it += 2) {
+    // Unrolled by two so that the parity (which registers) is known at compile time, an odd last
+    // stage after the loop: a stage under a condition inside it made ptxas serialize the
+    // register-A wgmmas with the next decode (C7513).
+    int it = 0;
+    for (; it + 1 < iters; it += 2) {
       stage(std::integral_constant<int, 0>{}, it);
-      if (it + 1 < iters) stage(std::integral_constant<int, 1>{}, it + 1);
+      stage(std::integral_constant<int, 1>{}, it + 1);
     }
+    if (it < iters) stage(std::integral_constant<int, 0>{}, it);
   }
   wgmma_wait<0>();
   pin_registers(acc);
@@ -422,7 +443,7 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS, TMA>;
   constexpr int smem = Tile<BM, STAGES, RS, TMA>::SMEM_BYTES;
-  constexpr int threads = TMA ? kThreads + 32 : kThreads;
+  constexpr int threads = kThreads + kProducerThreads<RS, TMA, BM>;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
@@ -447,18 +468,21 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 }
 
 // The tile for (M, N), unless set_wgmma_tile forced one. Measured on the H100 (NOTES.md "GEMM",
-// gemm_h100_tiles.log): the loop's speed per CTA hardly depends on the ring's depth (7 vs 4
-// slots: within 3%), so what decides is how many CTAs share the work. Take the largest token
-// tile that still gives ~0.7 CTAs per SM, counting split-K only where each split keeps >= 32 k
-// blocks (shorter splits lost to smaller tiles: qkv M=128, 64 tokens 26 us vs 128 tokens split
-// in 2, 30 us; down M=256, 128 tokens split in 2, 71 us vs 64 tokens, 83 us); else 64 tokens.
-// The 256-token tile is skipped where it computes over 1/8 more padding tokens than the 128-token
-// one (gate_up M = 384: 131.6 us vs 104.6 with 128-token tiles from registers; sixth session).
-// 64-token tiles run 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 4 slots (two
-// CTAs per SM, ~100 KB each). A 128-token tile with more tiles than SMs feeds the decoded
-// weights to wgmma from registers: without the shared A buffers two CTAs fit per SM, four
-// warpgroups take turns on the tensor cores (gate_up M=128: 51.9 -> 39.9 us; with fewer tiles
-// than SMs the register path, which ptxas serializes per stage (C7513), lost: down M=128 52 vs 40).
+// gemm_h100_tiles.log, gemm_h100_registers_tma.log): the loop's speed per CTA hardly depends on
+// the ring's depth, so what decides is how many CTAs share the work:
+// - 256 tokens where its tiles alone give ~0.7 CTAs per SM (split-K of 256-token tiles lost to
+//   128-token tiles: down M = 256 / 512, 56.0 / 91.6 us vs 46.7 / 67.5), and it computes at most
+//   1/8 more padding tokens than the 128-token tile (gate_up M = 384: 131.6 us vs 104.6);
+// - else 128 tokens where they give ~0.7 CTAs per SM, counting split-K where each split keeps
+//   >= 32 k blocks (shorter splits lost to smaller tiles: qkv M = 128, 64 tokens 26 us vs 128
+//   tokens split in 2, 30 us), or from M = 33 where the N tiles alone outnumber the SMs (gate_up
+//   M = 64: 32.8 us vs 37.0 with 64-token tiles);
+// - else 64 tokens: 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 3 slots (two CTAs
+//   per SM).
+// The 128- and 256-token tiles feed the decoded weights to wgmma from registers (RS), 5-12%
+// faster than through shared memory at every M measured (seventh session); a 128-token tile with
+// more tiles than SMs loads with cp.async, two CTAs per SM (four warpgroups take turns on the
+// tensor cores: gate_up M = 128 51.9 -> 39.9 us), every other tile with the producer warp.
 static int forced_bm = 0, forced_stages = 0;
 static bool forced_rs = false, forced_tma = false;
 
@@ -473,20 +497,18 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   };
   // Tokens computed past M: the 256-token tile pads M = 384 to 512, the 128-token one not at all.
   auto padding = [&](int tile) { return (m + tile - 1) / tile * tile - m; };
-  bm = 64;
-  for (int tile : {256, 128}) {
-    if (tile == 256 && 8 * (padding(256) - padding(128)) > (m + 255) / 256 * 256) continue;
-    if (m > tile / 2 && 10 * ctas(tile) >= 7 * sms) {
-      bm = tile;
-      break;
-    }
+  const bool wide = n_tiles > sms;  // 128-token tiles from registers, two CTAs per SM
+  if (m > 128 && 10 * tiles(256) >= 7 * sms &&
+      8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256) {
+    bm = 256;
+  } else if ((m > 64 && 10 * ctas(128) >= 7 * sms) || (m > 32 && wide)) {
+    bm = 128;
+  } else {
+    bm = 64;
   }
-  stages = bm == 64 ? (tiles(64) > sms ? 4 : 8) : 4;
-  rs = bm == 128 && tiles(128) > sms;
-  // The 128- and 256-token tiles through shared memory run with the producer warp (sixth
-  // session: 6-12% faster at M >= 1024, 11-18% at M = 128-256, gemm_h100_producer_warp.log).
-  tma = bm == 256 || (bm == 128 && !rs);
-  if (tma && bm == 128) stages = 6;
+  rs = bm != 64;
+  tma = !(bm == 128 && tiles(128) > sms);
+  stages = bm == 64 ? (tiles(64) > sms ? 3 : 8) : (bm == 128 && tma ? 6 : 4);
 }
 
 template <typename Out, bool GROUPED>
@@ -502,11 +524,11 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                                                          m, n, k, ws_partial, ws_count, sms, pdl, \
                                                          stream);                                \
   }
-  QQQ_TILE(64, 4, false, false)
-  QQQ_TILE(64, 8, false, false)
+  QQQ_TILE(64, 3, false, true)
+  QQQ_TILE(64, 8, false, true)
   QQQ_TILE(128, 4, true, false)
-  QQQ_TILE(128, 6, false, true)
-  QQQ_TILE(256, 4, false, true)
+  QQQ_TILE(128, 6, true, true)
+  QQQ_TILE(256, 4, true, true)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
                               std::to_string(stages) + " stages" + (tma ? " (producer warp)" : ""));
