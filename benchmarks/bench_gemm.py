@@ -68,6 +68,8 @@ def setup_qqq_switched(switch_on, switch_off, group=-1):
 # quantization (no programmatic dependent launch); the Hopper kernel forced to one tile.
 setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set_wgmma(True))
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
+setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
+                                           lambda c: c.set_quant_pdl(True))
 
 
 def setup_qqq_tile(bm, stages, registers_a=False, producer_warp=False, group=-1):
@@ -169,6 +171,7 @@ IMPLS = {
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
+    "qqq_channel_quant_plain": setup_qqq_quant_plain,
     # Each Hopper tile forced (bm tokens x slots; rs: weights to wgmma from registers; tma: the
     # producer loads), the automatic choice's candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, False, True) for st in (3, 8)},

@@ -42,6 +42,9 @@ PYBIND11_MODULE(_C, m) {
         "Use the Hopper wgmma kernel where the GPU has it (the default).");
   m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
+  m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),
+        "Tuning/tests: launch the quantization kernel as a programmatic dependent launch "
+        "(sm_90+, default).");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def(

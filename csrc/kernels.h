@@ -58,6 +58,9 @@ void set_wgmma_enabled(bool on);
 void set_wgmma_min_m(int m);
 // Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
 void set_pdl(bool on);
+// The quantization kernel itself as a programmatic dependent launch after whatever kernel comes
+// before it (it waits for that kernel before reading x; sm_90+; default on).
+void set_quant_pdl(bool on);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the decoded weights fed to
 // wgmma from registers or shared memory, the loads by every thread (cp.async) or by a producer
 // warp (the copy engine); bm = 0: chosen by M.

@@ -109,6 +109,20 @@ def test_every_wgmma_tile_matches_reference(bm, stages, registers_a, producer_wa
         _C.set_wgmma_min_m(0)
 
 
+@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("early", [True, False])
+def test_quant_launch_either_way_matches_reference(early, g):
+    """The quantization kernel launched early after the previous kernel (the default; it waits
+    for that kernel before reading x) or plainly: back-to-back quant + GEMM calls stay exact."""
+    from vllm_qqq import _C
+    _C.set_quant_pdl(early)
+    try:
+        for shape, m in (("llama3_qkv", 1), ("llama3_down", 16), ("small_partial_n", 130)):
+            check_gemm(shape, m, g)
+    finally:
+        _C.set_quant_pdl(True)
+
+
 def check_gemm(shape, m, g):
     k, n = SHAPES[shape]
     t = make_layer(k, n, g, seed=m * 7 + k + n)
