@@ -11,6 +11,7 @@ two int8 mma B fragments that lane needs (a high nibble read as int8 is 16x its 
 """
 
 import logging
+import os
 
 import torch
 
@@ -23,6 +24,11 @@ try:
     from vllm_qqq import _C  # noqa: F401
 except ImportError:  # built without CUDA: the reference path runs instead
     _C = None
+
+# VLLM_QQQ_QUANT_PDL=0 launches the quantization kernel plainly instead of as a programmatic
+# dependent launch (for measuring it inside vLLM's engine, which runs in its own process).
+if _C is not None and os.environ.get("VLLM_QQQ_QUANT_PDL", "1") == "0":
+    _C.set_quant_pdl(False)
 
 KERNEL_BK = 128  # K of one pipeline stage; also the only group size
 KERNEL_BN = 64  # N granularity the kernel accepts (partial 128-wide tiles are masked)
