@@ -8,6 +8,7 @@ per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with
 
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
 (b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127;
+each time the median of --repeats runs (3), every run's tokens/s kept in the JSON;
 (c) the weights: bytes on disk (weights_gib) and the GPU memory vLLM reports for the loaded model
 (weights_gpu_gib, its "Model loading took" line).
 Each format runs in its own process (a fresh engine, all GPU memory back between them).
@@ -20,6 +21,7 @@ to an existing --json (a run split over device calls on the same machine and che
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -175,7 +177,7 @@ def _convert(fp16: Path, out: Path, convert, quant_config):
 
 
 def run_format(model: str, quantization: str | None, batches, eager: bool,
-               capture_sizes: list[int] | None) -> dict:
+               capture_sizes: list[int] | None, repeats: int) -> dict:
     """In a child process: throughput and decode latency for one checkpoint."""
     from vllm import LLM, SamplingParams
 
@@ -210,11 +212,16 @@ def run_format(model: str, quantization: str | None, batches, eager: bool,
         # cost a one-time ~0.5 s (seen on the H100 as b1 decode at 10.7 ms/token in the bench
         # against 6.5 ms per step in the profiler), which would land in the timed run.
         timed(batch, 8)
-        t = timed(batch, 128)
+        # The median of `repeats` runs: single runs of the same checkpoint on one machine spread
+        # 234-270 tok/s at batch 1 (NOTES.md "End to end", seventh session).
+        runs = [timed(batch, 128) for _ in range(repeats)]
+        t = statistics.median(runs)
         row = {"batch": batch, "input_len": 1024, "output_len": 128,
-               "tokens_per_s": batch * 128 / t}
+               "tokens_per_s": batch * 128 / t,
+               "tokens_per_s_runs": [batch * 128 / r for r in runs]}
         if batch in (1, 16):
-            row["decode_ms_per_token"] = (t - timed(batch, 1)) / 127 * 1000
+            t1 = statistics.median(timed(batch, 1) for _ in range(repeats))
+            row["decode_ms_per_token"] = (t - t1) / 127 * 1000
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"rows": rows, "weights_gib": _weight_bytes(model) / 2**30}
@@ -242,6 +249,8 @@ def main():
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compile/graphs)")
     parser.add_argument("--capture-sizes", default=",".join(map(str, CAPTURE_SIZES)),
                         help="CUDA graph batch sizes; 'default' for vLLM's own list")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per batch size; the median is reported")
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of other formats already in --json")
     parser.add_argument("--prepare-only", action="store_true",
@@ -252,7 +261,8 @@ def main():
         sizes = (None if args.capture_sizes == "default"
                  else [int(b) for b in args.capture_sizes.split(",")])
         result = run_format(args.child[0], None if args.child[1] == "none" else args.child[1],
-                            [int(b) for b in args.batches.split(",")], args.eager, sizes)
+                            [int(b) for b in args.batches.split(",")], args.eager, sizes,
+                            args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
@@ -281,7 +291,8 @@ def main():
         quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
         env = dict(os.environ)
         cmd = [sys.executable, __file__, "--child", str(models[fmt]), quant,
-               "--batches", args.batches, "--capture-sizes", args.capture_sizes] + (
+               "--batches", args.batches, "--capture-sizes", args.capture_sizes,
+               "--repeats", str(args.repeats)] + (
                    ["--eager"] if args.eager else [])
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
