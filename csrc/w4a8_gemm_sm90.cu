@@ -263,7 +263,9 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
     auto consume = [&](auto parity, int it) {
       const int s = it % kStages;
       mbarrier_wait(&full[s], (it / kStages) & 1);
-      multiply(parity, it, s, RS ? nullptr : a_buffers + (it % 3) * 64 * kBK);
+      uint8_t* sa = nullptr;  // RS: the weights stay in registers
+      if constexpr (!RS) sa = a_buffers + (it % T::A_BUFFERS) * 64 * kBK;
+      multiply(parity, it, s, sa);
       wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
       if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
     };
