@@ -175,6 +175,7 @@ IMPLS = {
     # Each Hopper tile forced (bm tokens x slots; rs: weights to wgmma from registers; tma: the
     # producer loads), the automatic choice's candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, False, True) for st in (3, 8)},
+    **{f"qqq_tile_rs_tma_64x{st}": setup_qqq_tile(64, st, True, True) for st in (6, 8)},
     "qqq_tile_rs_128x4": setup_qqq_tile(128, 4, True, False),
     "qqq_tile_rs_tma_128x6": setup_qqq_tile(128, 6, True, True),
     "qqq_tile_rs_tma_256x4": setup_qqq_tile(256, 4, True, True),

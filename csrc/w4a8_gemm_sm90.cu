@@ -16,7 +16,8 @@
 // The decoded weights go to wgmma straight from registers (RS: the 128- and 256-token tiles; two
 // register buffers by the stage's parity, so one stage's wgmmas stay in flight while the next
 // decodes) or, for the 64-token tiles, through shared-memory A buffers per warpgroup (SS; three
-// buffers, as no CTA barrier orders a buffer's reuse).
+// buffers, as no CTA barrier orders a buffer's reuse). 64-token register tiles exist to be
+// forced and measured against those (seventh session: compiled, not yet run).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
 // waits on memory rather than on the tensor cores.
@@ -54,7 +55,6 @@ constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 template <int BM, int STAGES, bool RS, bool TMA>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
-  static_assert(!RS || BM >= 128, "weights from registers: built for 128 and 256 tokens");
   static_assert(RS || TMA, "shared-memory A buffers: built for the producer warp's ordering");
   static constexpr int X_BYTES = BM * kBK;
   static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
@@ -176,7 +176,9 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
       const bool accumulate = it > 0 || ks > 0;
-      if constexpr (RS && BM == 128) {
+      if constexpr (RS && BM == 64) {
+        wgmma_m64n64k32_rs(acc, afrag[p][ks], db, accumulate);
+      } else if constexpr (RS && BM == 128) {
         wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
       } else if constexpr (RS) {
         wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
@@ -528,6 +530,8 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   }
   QQQ_TILE(64, 3, false, true)
   QQQ_TILE(64, 8, false, true)
+  QQQ_TILE(64, 6, true, true)  // forced only (set_wgmma_tile): not yet measured
+  QQQ_TILE(64, 8, true, true)  // forced only (set_wgmma_tile): not yet measured
   QQQ_TILE(128, 4, true, false)
   QQQ_TILE(128, 6, true, true)
   QQQ_TILE(256, 4, true, true)

@@ -18,8 +18,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 M_ALL = [1, 2, 7, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens x pipeline stages x weights from registers), w4a8_gemm_sm90.cu.
 # (tokens, slots, decoded weights from registers, loads by a producer warp): every built tile.
-WGMMA_TILES = [(64, 3, False, True), (64, 8, False, True), (128, 4, True, False),
-               (128, 6, True, True), (256, 4, True, True)]
+WGMMA_TILES = [(64, 3, False, True), (64, 8, False, True), (64, 6, True, True),
+               (64, 8, True, True), (128, 4, True, False), (128, 6, True, True),
+               (256, 4, True, True)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
