@@ -40,6 +40,12 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// Whether the GPU can launch kernels as programmatic dependent launches (sm_90+).
+inline bool pdl_supported() {
+  static const bool yes = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
+  return yes;
+}
+
 // Raises a kernel's dynamic shared memory limit once (cudaFuncSetAttribute is per function).
 template <auto kernel, int bytes>
 void allow_smem() {

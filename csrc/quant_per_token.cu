@@ -72,8 +72,7 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
     throw std::invalid_argument("vllm_qqq: quant_per_token needs 16-byte aligned rows");
   }
   if (m == 0) return;
-  static const bool pdl_supported = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
-  const bool pdl = quant_pdl && pdl_supported;
+  const bool pdl = quant_pdl && pdl_supported();
   if (dtype == kFloat16) {
     launch_kernel(quant_per_token_kernel<half>, dim3(m), dim3(kQuantThreads), 0, stream,
                   pdl, "quant_per_token launch", static_cast<const half*>(x), k, q, scale);

@@ -220,10 +220,6 @@ static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 static bool pdl_allowed = true;
 void set_pdl(bool on) { pdl_allowed = on; }
-static bool pdl_supported() {
-  static const bool yes = device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9;
-  return yes;
-}
 static int wgmma_min_m = kWgmmaMinM;
 void set_wgmma_min_m(int m) { wgmma_min_m = m > 0 ? m : kWgmmaMinM; }
 

@@ -71,6 +71,19 @@ struct Tile {
   static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
+// step(parity, it) for it = 0 .. iters - 1, the parity (which register buffers, RS) known at
+// compile time: by pairs, an odd last step after the loop (a step under a condition inside the
+// loop made ptxas serialize the register-A wgmmas with the next decode, C7513).
+template <typename Step>
+__device__ __forceinline__ void by_parity(int iters, Step& step) {
+  int it = 0;
+  for (; it + 1 < iters; it += 2) {
+    step(std::integral_constant<int, 0>{}, it);
+    step(std::integral_constant<int, 1>{}, it + 1);
+  }
+  if (it < iters) step(std::integral_constant<int, 0>{}, it);
+}
+
 // The producer after the two math warpgroups (TMA): one warp, or a whole warpgroup where the math
 // warpgroups need more registers than an even share (the 256-token tile with the weights in
 // registers: 128 accumulators + 32 weight registers per thread), which the producer warpgroup
@@ -271,13 +284,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
       wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
       if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
     };
-    // By pairs for the register buffers' parity (RS), as in the loop below.
-    int it = 0;
-    for (; it + 1 < iters; it += 2) {
-      consume(std::integral_constant<int, 0>{}, it);
-      consume(std::integral_constant<int, 1>{}, it + 1);
-    }
-    if (it < iters) consume(std::integral_constant<int, 0>{}, it);
+    by_parity(iters, consume);
   } else {
     // Each call loads the next stage of its operand into slot s.
     StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
@@ -313,15 +320,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
       multiply(parity, it, it % kStages, nullptr);  // RS: the weights stay in registers
       wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
     };
-    // Unrolled by two so that the parity (which registers) is known at compile time, an odd last
-    // stage after the loop: a stage under a condition inside it made ptxas serialize the
-    // register-A wgmmas with the next decode (C7513).
-    int it = 0;
-    for (; it + 1 < iters; it += 2) {
-      stage(std::integral_constant<int, 0>{}, it);
-      stage(std::integral_constant<int, 1>{}, it + 1);
-    }
-    if (it < iters) stage(std::integral_constant<int, 0>{}, it);
+    by_parity(iters, stage);
   }
   wgmma_wait<0>();
   pin_registers(acc);
