@@ -21,6 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_qqq import ops  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+
+
+def shape_kn(shape):
+    """(K, N) of a named Llama-3-8B shape, or of "KxN" (e.g. 8192x6144, for scaling studies)."""
+    if shape in SHAPES:
+        return SHAPES[shape]
+    try:
+        k, n = (int(v) for v in shape.split("x"))
+    except ValueError:
+        raise SystemExit(f"unknown shape {shape!r}: one of {', '.join(SHAPES)} or KxN") from None
+    return k, n
 MS = [1, 16, 64, 128, 256, 1024, 4096, 8192]
 ROTATE_BYTES = 150 * 2**20
 DEV = "cuda"
@@ -72,9 +83,9 @@ setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
 
 
-def setup_qqq_tile(bm, stages, registers_a=False, producer_warp=False, group=-1):
+def setup_qqq_tile(bm, stages, producer_warp=False, group=-1):
     def force(c):
-        c.set_wgmma_tile(bm, stages, registers_a, producer_warp)
+        c.set_wgmma_tile(bm, stages, producer_warp)
         c.set_wgmma_min_m(1)
 
     def restore(c):
@@ -172,14 +183,13 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
-    # Each Hopper tile forced (bm tokens x slots; rs: weights to wgmma from registers; tma: the
-    # producer loads), the automatic choice's candidates side by side.
-    **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, False, True) for st in (3, 8)},
-    **{f"qqq_tile_rs_tma_64x{st}": setup_qqq_tile(64, st, True, True) for st in (6, 8)},
-    "qqq_tile_rs_128x4": setup_qqq_tile(128, 4, True, False),
-    "qqq_tile_rs_tma_128x6": setup_qqq_tile(128, 6, True, True),
-    "qqq_tile_rs_tma_256x4": setup_qqq_tile(256, 4, True, True),
-    "qqq_g128_tile_rs_tma_256x4": setup_qqq_tile(256, 4, True, True, group=128),
+    # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
+    # candidates side by side.
+    **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
+    "qqq_tile_128x4": setup_qqq_tile(128, 4, False),
+    "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
+    "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, True),
+    "qqq_g128_tile_tma_256x4": setup_qqq_tile(256, 4, True, group=128),
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),
@@ -266,7 +276,7 @@ def main():
     print(f"device: {device}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     rows, errors = [], {}
     for shape in args.shapes.split(","):
-        k, n = SHAPES[shape]
+        k, n = shape_kn(shape)
         for impl in args.impls.split(","):
             try:
                 times = time_impl(IMPLS[impl], k, n, ms)
@@ -282,7 +292,7 @@ def main():
     print("\n| shape | M | floor us | " + " | ".join(args.impls.split(",")) + " | qqq_ch/fp16 | "
           "qqq_ch/best base | qqq_g128/best base |")
     for shape in args.shapes.split(","):
-        k, n = SHAPES[shape]
+        k, n = shape_kn(shape)
         for m in ms:
             t = {r["impl"]: r["us"] for r in rows if r["shape"] == shape and r["M"] == m}
             base = [v for i, v in t.items() if not i.startswith("qqq")]

@@ -9,17 +9,17 @@ import argparse
 
 import torch
 
-from bench_gemm import IMPLS, SHAPES
+from bench_gemm import IMPLS, SHAPES, shape_kn
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--impl", default="qqq_channel", choices=IMPLS)
-    parser.add_argument("--shape", default="gate_up", choices=SHAPES)
+    parser.add_argument("--shape", default="gate_up", help=f"{', '.join(SHAPES)} or KxN")
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--calls", type=int, default=4)
     args = parser.parse_args()
-    k, n = SHAPES[args.shape]
+    k, n = shape_kn(args.shape)
     f, _ = IMPLS[args.impl](k, n)
     x = torch.randn(args.m, k, device="cuda", dtype=torch.float16)
     for _ in range(args.calls):

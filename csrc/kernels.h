@@ -61,9 +61,8 @@ void set_pdl(bool on);
 // The quantization kernel itself as a programmatic dependent launch after whatever kernel comes
 // before it (it waits for that kernel before reading x; sm_90+; default on).
 void set_quant_pdl(bool on);
-// Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the decoded weights fed to
-// wgmma from registers or shared memory, the loads by every thread (cp.async) or by a producer
-// warp (the copy engine); bm = 0: chosen by M.
-void set_wgmma_tile(int bm, int stages, bool registers_a, bool producer_warp);
+// Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the loads by every thread
+// (cp.async) or by a producer (the copy engine); bm = 0: chosen by M.
+void set_wgmma_tile(int bm, int stages, bool producer_warp);
 
 }  // namespace qqq

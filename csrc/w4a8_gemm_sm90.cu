@@ -4,7 +4,10 @@
 //
 // Per stage of 128 k, the int8 activations (BM x 128) and the 4-bit weights (the kernel layout of
 // vllm_qqq/ops.py) land in a ring of STAGES slots; each warpgroup decodes its weights to int8
-// (decode.cuh) and issues 4 wgmma m64nBMk32. Two ways to fill the ring:
+// (decode.cuh) into registers, in wgmma's A-fragment order, and issues 4 wgmma m64nBMk32 with A
+// from registers (two register buffers by the stage's parity, so one stage's wgmmas stay in
+// flight while the next decodes; through shared memory instead was 5-19% slower at every tile
+// measured: NOTES.md "GEMM"). Two ways to fill the ring:
 // - a producer (TMA): the copy engine brings the activations as swizzled boxes of a tensor map
 //   and the weights as bulk copies, completing on a full barrier per slot; the math warpgroups
 //   release a slot on its empty barrier once their wgmmas that read it retire. No CTA barrier
@@ -13,11 +16,6 @@
 // - every thread issuing cp.async (stage_copies.cuh) at the top of each stage, after a CTA
 //   barrier (the 128-token tile with two CTAs per SM, which has no room for a producer warp's
 //   registers).
-// The decoded weights go to wgmma straight from registers (RS: the 128- and 256-token tiles; two
-// register buffers by the stage's parity, so one stage's wgmmas stay in flight while the next
-// decodes) or, for the 64-token tiles, through shared-memory A buffers per warpgroup (SS; three
-// buffers, as no CTA barrier orders a buffer's reuse). 64-token register tiles exist to be
-// forced and measured against those (seventh session: compiled, not yet run).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
 // waits on memory rather than on the tensor cores.
@@ -26,7 +24,8 @@
 // to the workspace with plain stores, and the last split of a tile (an atomic counter) adds them
 // in order and applies the epilogue. int32 sums are exact, so the result is the reference's.
 // The epilogue (the reference's fp32 formula) reads the int32 tile staged in shared memory, so
-// every global store is a whole 16-byte piece of an output row.
+// every global store is a whole 16-byte piece of an output row; its token and channel scales are
+// read into registers before the main loop, so their latency is not paid after it.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -52,26 +51,21 @@ constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 // BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
 // STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
 // fills the ring with the copy engine, ahead as far as the slots the math warps have released.
-template <int BM, int STAGES, bool RS, bool TMA>
+template <int BM, int STAGES>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
-  static_assert(RS || TMA, "shared-memory A buffers: built for the producer warp's ordering");
   static constexpr int X_BYTES = BM * kBK;
   static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
-  // Decoded weights per warpgroup, unless they go to wgmma from registers (RS): 3 buffers, as no
-  // CTA barrier separates a buffer's reuse from the wgmmas that read it two stages before.
-  static constexpr int A_BUFFERS = RS ? 0 : 3;
-  static constexpr int A_BYTES = kWarpgroups * A_BUFFERS * 64 * kBK;
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + A_BYTES + 1024;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
   static constexpr int ACC_PITCH = kBN + 4;  // staged int32 row: conflict-free writes, 16B rows
   static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
 };
 
-// step(parity, it) for it = 0 .. iters - 1, the parity (which register buffers, RS) known at
+// step(parity, it) for it = 0 .. iters - 1, the parity (which register buffers) known at
 // compile time: by pairs, an odd last step after the loop (a step under a condition inside the
 // loop made ptxas serialize the register-A wgmmas with the next decode, C7513).
 template <typename Step>
@@ -88,14 +82,13 @@ __device__ __forceinline__ void by_parity(int iters, Step& step) {
 // warpgroups need more registers than an even share (the 256-token tile with the weights in
 // registers: 128 accumulators + 32 weight registers per thread), which the producer warpgroup
 // then gives up (setmaxnreg works per warpgroup).
-template <bool RS, bool TMA, int BM>
-constexpr int kProducerThreads = !TMA ? 0 : (RS && BM == 256 ? 128 : 32);
-template <bool RS, bool TMA, int BM>
-constexpr bool kMoveRegisters = kProducerThreads<RS, TMA, BM> == 128;
+template <bool TMA, int BM>
+constexpr int kProducerThreads = !TMA ? 0 : (BM == 256 ? 128 : 32);
+template <bool TMA, int BM>
+constexpr bool kMoveRegisters = kProducerThreads<TMA, BM> == 128;
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool RS, bool TMA>
-__global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
-                                  BM == 64 || (RS && !TMA) ? 2 : 1)
+template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA>
+__global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64 || !TMA ? 2 : 1)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
@@ -103,7 +96,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
                            int* __restrict__ ws_partial, int* __restrict__ ws_count,
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM, STAGES, RS, TMA>;
+  using T = Tile<BM, STAGES>;
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -129,13 +122,13 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
   const int tile0 = (warp / 4) * 8 + (warp % 4) * 2;
   const int row = (warp % 4) * 16 + lane / 4;
   int acc[BM / 2];  // set by the first wgmma (accumulate = false); K >= 128 is checked
-  // The decoded weights of a stage in the wgmma A-fragment order (RS): two buffers, by the
-  // stage's parity, so a stage decodes while the previous one's wgmmas still read theirs.
+  // The decoded weights of a stage in the wgmma A-fragment order: two buffers, by the stage's
+  // parity, so a stage decodes while the previous one's wgmmas still read theirs.
   uint32_t afrag[2][kBK / 32][4];
 
-  // Stage it (in slot s): decode this warpgroup's weights into the A buffer at sa (SS) or
-  // afrag[p] (RS), then issue and commit its four wgmmas.
-  auto multiply = [&](auto parity, int it, int s, uint8_t* sa) {
+  // Stage it (in slot s): decode this warpgroup's weights into afrag[p], then issue and commit
+  // its four wgmmas.
+  auto multiply = [&](auto parity, int it, int s) {
     constexpr int p = decltype(parity)::value;
     const uint32_t* sw = stage_w(s);
     uint32_t s_lo = 0, s_hi = 0;
@@ -145,8 +138,6 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
              0x10001u;
     }
     // Decode: for k32 step ks, lo = rows `row`, hi = rows row + 8; [0] k 0-15, [1] k 16-31.
-    // SS: 128B-swizzled like the activations (the words of step ks land in chunks 2 ks and
-    // 2 ks + 1).
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint32_t w_lo = sw[ks * kBN * 4 + tile0 * 32 + lane];
@@ -159,51 +150,27 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
         decode_channel(w_lo, lo[0], lo[1]);
         decode_channel(w_hi, hi[0], hi[1]);
       }
-      if constexpr (RS) {
-        afrag[p][ks][0] = lo[0];
-        afrag[p][ks][1] = hi[0];
-        afrag[p][ks][2] = lo[1];
-        afrag[p][ks][3] = hi[1];
-      } else {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int off = ((2 * ks + h) ^ (lane / 4)) * 16 + (lane % 4) * 4;
-          *reinterpret_cast<uint32_t*>(sa + row * kBK + off) = lo[h];
-          *reinterpret_cast<uint32_t*>(sa + (row + 8) * kBK + off) = hi[h];
-        }
-      }
-    }
-    if constexpr (!RS) {
-      fence_proxy_async();
-      asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warp / 4) : "memory");  // this warpgroup
+      afrag[p][ks][0] = lo[0];
+      afrag[p][ks][1] = hi[0];
+      afrag[p][ks][2] = lo[1];
+      afrag[p][ks][3] = hi[1];
     }
 
-    const uint32_t a_base = smem_addr(sa), x_base = smem_addr(stage_x(s));
-    if constexpr (RS) {
+    const uint32_t x_base = smem_addr(stage_x(s));
 #pragma unroll
-      for (int ks = 0; ks < kBK / 32; ks++) pin_registers(afrag[p][ks]);
-    }
+    for (int ks = 0; ks < kBK / 32; ks++) pin_registers(afrag[p][ks]);
     pin_registers(acc);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
       const bool accumulate = it > 0 || ks > 0;
-      if constexpr (RS && BM == 64) {
+      if constexpr (BM == 64) {
         wgmma_m64n64k32_rs(acc, afrag[p][ks], db, accumulate);
-      } else if constexpr (RS && BM == 128) {
+      } else if constexpr (BM == 128) {
         wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
-      } else if constexpr (RS) {
-        wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
       } else {
-        const uint64_t da = wgmma_desc_sw128(a_base + ks * 32);
-        if constexpr (BM == 64) {
-          wgmma_m64n64k32_ss(acc, da, db, accumulate);
-        } else if constexpr (BM == 128) {
-          wgmma_m64n128k32_ss(acc, da, db, accumulate);
-        } else {
-          wgmma_m64n256k32_ss(acc, da, db, accumulate);
-        }
+        wgmma_m64n256k32_rs(acc, afrag[p][ks], db, accumulate);
       }
     }
     wgmma_commit();
@@ -217,7 +184,21 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
       __syncthreads();
     }
   };
-  uint8_t* const a_buffers = smem + kStages * T::STAGE_BYTES + (warp / 4) * T::A_BUFFERS * 64 * kBK;
+  // The epilogue's token scales, channel scales and bias, copied to shared memory (cp.async)
+  // as soon as the kernel that wrote a_scale is done, so the epilogue does not wait for them.
+  __shared__ float token_scales[BM];
+  __shared__ alignas(16) float chan_scales[kBN];
+  __shared__ alignas(16) Out chan_bias[kBN];
+  static_assert(BM <= kThreads, "one token scale per thread");
+  auto read_scales = [&] {  // a_scale has no alignment; scale and bias 16 bytes (ops.py checks)
+    if (tid < BM) cp_async4(&token_scales[tid], a_scale + min(m0 + tid, m - 1), m0 + tid < m);
+    if (tid < kBN / 4) {
+      cp_async16(&chan_scales[tid * 4], scale + min(n0 + tid * 4, n - 4), n0 + tid * 4 < n);
+    }
+    if (bias != nullptr && tid < kBN / 8) {
+      cp_async16(&chan_bias[tid * 8], bias + min(n0 + tid * 8, n - 8), n0 + tid * 8 < n);
+    }
+  };
 
   if constexpr (TMA) {
     // full[s]: slot s holds its stage (the producer's arrival and the copies' bytes); empty[s]:
@@ -232,7 +213,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
     }
     __syncthreads();
     if (warp >= kThreads / 32) {
-      if constexpr (kMoveRegisters<RS, TMA, BM>) set_max_registers<false, 40>();
+      if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<false, 40>();
       if (warp == kThreads / 32 && lane == 0) {
         // The copies of a stage: the CTA's valid n8 tiles of each k32 step (contiguous in the
         // kernel layout), their group scales, and the activation box (rows past M read as 0).
@@ -273,14 +254,14 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
       }
       return;  // the math warps alone run the epilogue (named barrier 3)
     }
-    if constexpr (kMoveRegisters<RS, TMA, BM>) set_max_registers<true, 232>();
+    if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<true, 232>();
     wait_for_prior_grid();  // before the epilogue reads a_scale and the workspace
+    read_scales();
+    cp_async_commit();
     auto consume = [&](auto parity, int it) {
       const int s = it % kStages;
       mbarrier_wait(&full[s], (it / kStages) & 1);
-      uint8_t* sa = nullptr;  // RS: the weights stay in registers
-      if constexpr (!RS) sa = a_buffers + (it % T::A_BUFFERS) * 64 * kBK;
-      multiply(parity, it, s, sa);
+      multiply(parity, it, s);
       wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
       if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
     };
@@ -301,6 +282,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
       if (s < iters) load_w(s);
     }
     wait_for_prior_grid();
+    read_scales();  // joins the first stage's copies
 #pragma unroll
     for (int s = 0; s < kStages - 2; s++) {
       if (s < iters) load_x(s);
@@ -317,7 +299,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
         load_w((it + kStages - 2) % kStages);
       }
       cp_async_commit();
-      multiply(parity, it, it % kStages, nullptr);  // RS: the weights stay in registers
+      multiply(parity, it, it % kStages);
       wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
     };
     by_parity(iters, stage);
@@ -368,11 +350,19 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
   }
 
   // Epilogue: y = (float(acc) * a_scale[token]) * scale[channel] (+ bias), no contraction,
-  // exactly the reference's order; one thread writes 8 consecutive channels of one token.
-#pragma unroll 2
-  for (int i = tid; i < BM * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = i % kChunks;
-    if (m0 + r >= m || n0 + c * 8 >= n) continue;
+  // exactly the reference's order; one thread writes 8 consecutive channels (always its piece c)
+  // of every (kThreads / kChunks)-th token.
+  static_assert(kThreads % kChunks == 0, "a thread keeps its piece of channels");
+  const int c = tid % kChunks, ch0 = n0 + c * 8;
+  if (ch0 >= n) return;
+  float sc[8];
+  alignas(16) Out bi[8];
+#pragma unroll
+  for (int e = 0; e < 8; e++) sc[e] = chan_scales[c * 8 + e];
+  *reinterpret_cast<uint4*>(bi) = *reinterpret_cast<const uint4*>(&chan_bias[c * 8]);
+#pragma unroll 4
+  for (int r = tid / kChunks; r < BM; r += kThreads / kChunks) {
+    if (m0 + r >= m) break;
     int v[8];
     if (splits == 1) {
       const int4* p = reinterpret_cast<const int4*>(staged + r * T::ACC_PITCH + c * 8);
@@ -389,13 +379,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<RS, TMA, BM>,
         v[4] += x1.x, v[5] += x1.y, v[6] += x1.z, v[7] += x1.w;
       }
     }
-    const float ts = a_scale[m0 + r];
-    const int ch0 = n0 + c * 8;
-    const float4 sc0 = *reinterpret_cast<const float4*>(scale + ch0);
-    const float4 sc1 = *reinterpret_cast<const float4*>(scale + ch0 + 4);
-    const float sc[8] = {sc0.x, sc0.y, sc0.z, sc0.w, sc1.x, sc1.y, sc1.z, sc1.w};
-    alignas(16) Out bi[8];
-    if (bias != nullptr) *reinterpret_cast<uint4*>(bi) = *reinterpret_cast<const uint4*>(bias + ch0);
+    const float ts = token_scales[r];
     alignas(16) Out y[8];
 #pragma unroll
     for (int e = 0; e < 8; e++) {
@@ -440,13 +424,13 @@ static CUtensorMap activation_map(const int8_t* a, int m, int k, int bm) {
   return map;
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool RS, bool TMA>
+template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, RS, TMA>;
-  constexpr int smem = Tile<BM, STAGES, RS, TMA>::SMEM_BYTES;
-  constexpr int threads = kThreads + kProducerThreads<RS, TMA, BM>;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA>;
+  constexpr int smem = Tile<BM, STAGES>::SMEM_BYTES;
+  constexpr int threads = kThreads + kProducerThreads<TMA, BM>;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
@@ -478,18 +462,17 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 //   1/8 more padding tokens than the 128-token tile (gate_up M = 384: 131.6 us vs 104.6);
 // - else 128 tokens where they give ~0.7 CTAs per SM, counting split-K where each split keeps
 //   >= 32 k blocks (shorter splits lost to smaller tiles: qkv M = 128, 64 tokens 26 us vs 128
-//   tokens split in 2, 30 us), or from M = 33 where the N tiles alone outnumber the SMs (gate_up
-//   M = 64: 32.8 us vs 37.0 with 64-token tiles);
-// - else 64 tokens: 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 3 slots (two CTAs
-//   per SM).
-// The 128- and 256-token tiles feed the decoded weights to wgmma from registers (RS), 5-12%
-// faster than through shared memory at every M measured (seventh session); a 128-token tile with
-// more tiles than SMs loads with cp.async, two CTAs per SM (four warpgroups take turns on the
-// tensor cores: gate_up M = 128 51.9 -> 39.9 us), every other tile with the producer warp.
+//   tokens split in 2, 30 us), or from M = 65 where the N tiles alone outnumber the SMs (gate_up
+//   M = 128: 34.6 us vs 51.9 with 64-token tiles; at M = 64 28.7 vs 31.4 the other way);
+// - else 64 tokens: 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 6 slots (two CTAs
+//   per SM; gate_up M = 64 28.7 us vs 32.3 with 8).
+// A 128-token tile with more tiles than SMs loads with cp.async, two CTAs per SM (four warpgroups
+// take turns on the tensor cores: gate_up M = 128 51.9 -> 39.9 us), every other tile with the
+// producer.
 static int forced_bm = 0, forced_stages = 0;
-static bool forced_rs = false, forced_tma = false;
+static bool forced_tma = false;
 
-static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& rs, bool& tma) {
+static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& tma) {
   const int n_tiles = (n + kBN - 1) / kBN;
   auto tiles = [&](int tile) { return n_tiles * ((m + tile - 1) / tile); };
   auto ctas = [&](int tile) {
@@ -504,14 +487,13 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   if (m > 128 && 10 * tiles(256) >= 7 * sms &&
       8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256) {
     bm = 256;
-  } else if ((m > 64 && 10 * ctas(128) >= 7 * sms) || (m > 32 && wide)) {
+  } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide)) {
     bm = 128;
   } else {
     bm = 64;
   }
-  rs = bm != 64;
   tma = !(bm == 128 && tiles(128) > sms);
-  stages = bm == 64 ? (tiles(64) > sms ? 3 : 8) : (bm == 128 && tma ? 6 : 4);
+  stages = bm == 64 ? (tiles(64) > sms ? 6 : 8) : (bm == 128 && tma ? 6 : 4);
 }
 
 template <typename Out, bool GROUPED>
@@ -519,21 +501,18 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages;
-  bool rs = forced_rs, tma = forced_tma;
-  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, rs, tma);
-#define QQQ_TILE(BM_, STAGES_, RS_, TMA_)                                                       \
-  if (bm == BM_ && stages == STAGES_ && rs == RS_ && tma == TMA_) {                             \
-    return launch<Out, BM_, STAGES_, GROUPED, RS_, TMA_>(a, a_scale, b, scale, group, bias, out, \
-                                                         m, n, k, ws_partial, ws_count, sms, pdl, \
-                                                         stream);                                \
+  bool tma = forced_tma;
+  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, tma);
+#define QQQ_TILE(BM_, STAGES_, TMA_)                                                           \
+  if (bm == BM_ && stages == STAGES_ && tma == TMA_) {                                         \
+    return launch<Out, BM_, STAGES_, GROUPED, TMA_>(a, a_scale, b, scale, group, bias, out, m, n, \
+                                                    k, ws_partial, ws_count, sms, pdl, stream);   \
   }
-  QQQ_TILE(64, 3, false, true)
-  QQQ_TILE(64, 8, false, true)
-  QQQ_TILE(64, 6, true, true)  // forced only (set_wgmma_tile): not yet measured
-  QQQ_TILE(64, 8, true, true)  // forced only (set_wgmma_tile): not yet measured
-  QQQ_TILE(128, 4, true, false)
-  QQQ_TILE(128, 6, true, true)
-  QQQ_TILE(256, 4, true, true)
+  QQQ_TILE(64, 6, true)
+  QQQ_TILE(64, 8, true)
+  QQQ_TILE(128, 4, false)
+  QQQ_TILE(128, 6, true)
+  QQQ_TILE(256, 4, true)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
                               std::to_string(stages) + " stages" + (tma ? " (producer warp)" : ""));
@@ -550,7 +529,7 @@ bool wgmma_available() {
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, true, false>) !=
+    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -560,10 +539,9 @@ bool wgmma_available() {
   return yes;
 }
 
-void set_wgmma_tile(int bm, int stages, bool registers_a, bool producer_warp) {
+void set_wgmma_tile(int bm, int stages, bool producer_warp) {
   sm90::forced_bm = bm;
   sm90::forced_stages = stages;
-  sm90::forced_rs = registers_a;
   sm90::forced_tma = producer_warp;
 }
 
