@@ -32,6 +32,14 @@ struct OutType<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
+// Two 16-bit values in one register, the first in the low half (an mma fragment's pair).
+template <typename Out>
+__device__ __forceinline__ uint32_t pack_pair(Out lo, Out hi) {
+  static_assert(sizeof(Out) == 2, "16-bit values");
+  return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&lo)) |
+         static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&hi)) << 16;
+}
+
 // An attribute of the current device (host code).
 inline int device_attribute(cudaDeviceAttr attr) {
   int dev = 0, value = 0;

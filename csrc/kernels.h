@@ -33,7 +33,12 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
 // mma.sync kernel's 16-token tiles, up to 4 splits); each launch keeps splits x token rows of its
 // tiles within them. Anchoring the partials at the end keeps them clear of every layer's counters
 // when the buffer is sized max(counters) + max(partials).
-constexpr int kWgmmaMinM = 17;
+// The smallest M the Hopper kernel takes by default: from 10 tokens on weights of >= 32M entries
+// (gate_up, down: a 64-token tile beats the mma.sync kernel's split-K from M = 10-12), from 17
+// on smaller ones (qkv, o: it loses up to M = 14-16). Measured, NOTES.md "GEMM".
+inline int wgmma_default_min_m(int k, int n) {
+  return static_cast<int64_t>(k) * n >= (int64_t{32} << 20) ? 10 : 17;
+}
 constexpr int kWgmmaPartialRows = 1024;
 constexpr int kSplitPartialRows = 64;
 inline bool wgmma_split_k_allowed(int m, int n) { return m <= 256 && n <= 8192; }
@@ -42,8 +47,8 @@ inline int64_t workspace_partial_entries(int n) {
   return int64_t{n <= 8192 ? kWgmmaPartialRows : kSplitPartialRows} * n;
 }
 
-// The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it for M >= kWgmmaMinM on
-// sm_90 (below, the mma.sync kernel's split-K wins: measured, NOTES.md "GEMM").
+// The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it from M =
+// wgmma_default_min_m on sm_90 (below, the mma.sync kernel's split-K wins).
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,
                      int k, int* ws_partial, int* ws_count, int sms, bool pdl,
@@ -54,7 +59,7 @@ bool wgmma_available();
 
 // Tests and tuning. Off: every M runs the mma.sync kernel on sm_90 too (what sm_80 runs).
 void set_wgmma_enabled(bool on);
-// The smallest M the Hopper kernel takes (<= 0: kWgmmaMinM).
+// The smallest M the Hopper kernel takes (<= 0: wgmma_default_min_m).
 void set_wgmma_min_m(int m);
 // Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
 void set_pdl(bool on);

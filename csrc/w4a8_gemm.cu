@@ -220,8 +220,8 @@ static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 static bool pdl_allowed = true;
 void set_pdl(bool on) { pdl_allowed = on; }
-static int wgmma_min_m = kWgmmaMinM;
-void set_wgmma_min_m(int m) { wgmma_min_m = m > 0 ? m : kWgmmaMinM; }
+static int wgmma_min_m = 0;  // 0: wgmma_default_min_m
+void set_wgmma_min_m(int m) { wgmma_min_m = std::max(m, 0); }
 
 static int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
@@ -310,7 +310,8 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                after_quant && pdl_allowed && pdl_supported(), stream};
-  if (m >= wgmma_min_m && wgmma_enabled && wgmma_available()) {
+  const int min_m = wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n);
+  if (m >= min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
                     c.ws_partial, c.ws_count, sms, c.pdl, stream);

@@ -51,7 +51,7 @@ constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
 // BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
 // STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
 // fills the ring with the copy engine, ahead as far as the slots the math warps have released.
-template <int BM, int STAGES>
+template <int BM, int STAGES, bool TMA>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
   static constexpr int X_BYTES = BM * kBK;
@@ -59,10 +59,19 @@ struct Tile {
   static constexpr int S_BYTES = kBN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+  // One CTA per SM with the producer (not the 64-token tile of 6 slots, two CTAs per SM): such
+  // CTAs take tile after tile, the producer loading the next while the math warps run the last
+  // one's epilogue, so its output rows are staged beside the ring; otherwise in the ring.
+  static constexpr bool PERSISTENT = TMA && (BM > 64 || STAGES == 8);
+  // The epilogue stages each warpgroup's output rows, ROUND_TOKENS tokens x its 64 channels at a
+  // time (16-byte rows 144 bytes apart: stmatrix's eight rows fall in different banks).
+  static constexpr int ROUND_TOKENS = BM < 128 ? BM : 128;
+  static constexpr int OUT_PITCH = 64 * 2 + 16;
+  static constexpr int STAGING_BYTES = kWarpgroups * ROUND_TOKENS * OUT_PITCH;
+  static constexpr int STAGING_OFFSET = PERSISTENT ? STAGES * STAGE_BYTES : 0;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + (PERSISTENT ? STAGING_BYTES : 0) + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
-  static constexpr int ACC_PITCH = kBN + 4;  // staged int32 row: conflict-free writes, 16B rows
-  static_assert(BM * ACC_PITCH * 4 <= STAGES * STAGE_BYTES, "int32 tile fits the pipeline");
+  static_assert(STAGING_BYTES <= STAGES * STAGE_BYTES, "the staging rows fit the ring");
 };
 
 // step(parity, it) for it = 0 .. iters - 1, the parity (which register buffers) known at
@@ -88,7 +97,8 @@ template <bool TMA, int BM>
 constexpr bool kMoveRegisters = kProducerThreads<TMA, BM> == 128;
 
 template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA>
-__global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64 || !TMA ? 2 : 1)
+__global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
+                                  Tile<BM, STAGES, TMA>::PERSISTENT ? 1 : 2)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
@@ -96,14 +106,29 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64
                            int* __restrict__ ws_partial, int* __restrict__ ws_count,
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM, STAGES>;
+  using T = Tile<BM, STAGES, TMA>;
   constexpr int kStages = STAGES;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * BM;
-
-  // This split's range of 128-deep k blocks.
+  // Tile t covers channels (t % n_tiles) * kBN and tokens (t / n_tiles) * BM. Persistent tiles
+  // (T::PERSISTENT): CTA x takes tiles x, x + gridDim.x, ..., launched as many as fit the SMs
+  // (split-K: one per tile), so the producer loads the next tile while the math warps finish
+  // the last. Others: the CTA's tile is (blockIdx.x, blockIdx.y). for_each_tile(f) calls
+  // f(t, n0, m0) for the CTA's tiles in order until f returns false. Split-K: this split's range
+  // of 128-deep k blocks, blockIdx.z of gridDim.z.
+  const int n_tiles = (n + kBN - 1) / kBN;
+  auto for_each_tile = [&](auto&& f) {
+    if constexpr (T::PERSISTENT) {
+      const int tiles = n_tiles * ((m + BM - 1) / BM);
+      for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        if (!f(t, (t % n_tiles) * kBN, (t / n_tiles) * BM)) return;
+      }
+    } else {
+      f(static_cast<int>(blockIdx.y * gridDim.x + blockIdx.x), static_cast<int>(blockIdx.x) * kBN,
+        static_cast<int>(blockIdx.y) * BM);
+    }
+  };
   const int splits = gridDim.z;
   int kb_begin, kb_end;
   split_range(k / kBK, blockIdx.z, splits, kb_begin, kb_end);
@@ -184,13 +209,13 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64
       __syncthreads();
     }
   };
-  // The epilogue's token scales, channel scales and bias, copied to shared memory (cp.async)
-  // as soon as the kernel that wrote a_scale is done, so the epilogue does not wait for them.
-  __shared__ float token_scales[BM];
+  // The epilogue's token scales, channel scales and bias for the tile at (m0, n0), copied to
+  // shared memory (cp.async) before its main loop, so the epilogue does not wait for them.
+  __shared__ alignas(16) float token_scales[BM];
   __shared__ alignas(16) float chan_scales[kBN];
   __shared__ alignas(16) Out chan_bias[kBN];
   static_assert(BM <= kThreads, "one token scale per thread");
-  auto read_scales = [&] {  // a_scale has no alignment; scale and bias 16 bytes (ops.py checks)
+  auto read_scales = [&](int m0, int n0) {  // a_scale has no alignment; scale, bias 16 bytes
     if (tid < BM) cp_async4(&token_scales[tid], a_scale + min(m0 + tid, m - 1), m0 + tid < m);
     if (tid < kBN / 4) {
       cp_async16(&chan_scales[tid * 4], scale + min(n0 + tid * 4, n - 4), n0 + tid * 4 < n);
@@ -200,9 +225,92 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64
     }
   };
 
+  // Epilogue of tile t (false: a split that is not the tile's last). acc[4 j + 2 h + c] is
+  // channel ch + 8 h of the tile and token 8 j + 2 (lane % 4) + c. Each value is scaled in
+  // registers, y = (float(acc) * a_scale[token]) * scale[channel] (+ bias), no contraction,
+  // exactly the reference's order, and stored transposed by stmatrix to this warpgroup's staging
+  // rows ([token][its 64 channels], R tokens a round), which it then copies out in 16-byte
+  // pieces of output rows.
+  constexpr int R = T::ROUND_TOKENS;
+  const int wg = warp / 4, ch = wg * 64 + (warp % 4) * 16 + lane / 4;
+  uint8_t* const staging = smem + T::STAGING_OFFSET + wg * R * T::OUT_PITCH;
+  auto warpgroup_sync = [&] { asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory"); };
+  auto epilogue = [&](int t, int m0, int n0) {
+    if (splits > 1) {
+      // Each split stores its tile in fragment order (thread tid's j-th 4 values at
+      // [j * kThreads + tid]); the last split to finish adds the others'. int32 sums are exact.
+      int4* const parts = reinterpret_cast<int4*>(ws_partial) +
+                          static_cast<size_t>(t) * splits * (BM / 8) * kThreads;
+      int4* const mine = parts + blockIdx.z * (BM / 8) * kThreads;
+#pragma unroll
+      for (int j = 0; j < BM / 8; j++) {
+        __stcg(mine + j * kThreads + tid, make_int4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2],
+                                                    acc[4 * j + 3]));
+      }
+      __threadfence();
+      sync_math();
+      __shared__ int last;
+      if (tid == 0) last = atomicAdd(ws_count + t, 1) == splits - 1;
+      sync_math();
+      if (!last) return false;
+      __threadfence();
+      for (int split = 0; split < splits; split++) {
+        if (split == static_cast<int>(blockIdx.z)) continue;
+        const int4* other = parts + split * (BM / 8) * kThreads;
+#pragma unroll
+        for (int j = 0; j < BM / 8; j++) {
+          const int4 v = __ldcg(other + j * kThreads + tid);
+          acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
+        }
+      }
+      if (tid == 0) ws_count[t] = 0;  // ready for the next call
+    }
+    cp_async_wait<0>();
+    sync_math();  // every thread's scales have landed (and, unpersistent, the ring is free)
+    float sc[2], bi[2] = {0.f, 0.f};
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      sc[h] = chan_scales[ch + 8 * h];
+      if (bias != nullptr) bi[h] = OutType<Out>::to_float(chan_bias[ch + 8 * h]);
+    }
+    // stmatrix x4 stores matrices (j, h = 0), (j, 1), (j + 1, 0), (j + 1, 1); lane 8 i + r gives
+    // the address of matrix i's token row r.
+    const uint32_t rows = smem_addr(staging) + ((lane / 16) * 8 + lane % 8) * T::OUT_PITCH +
+                          ((warp % 4) * 16 + ((lane / 8) % 2) * 8) * 2;
+#pragma unroll
+    for (int round = 0; round < BM / R; round++) {
+#pragma unroll
+      for (int jj = 0; jj < R / 8; jj += 2) {
+        uint32_t packed[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          const int j = round * (R / 8) + jj + i / 2, h = i % 2;
+          const float2 ts = *reinterpret_cast<const float2*>(&token_scales[8 * j + 2 * (lane % 4)]);
+          float y0 = __fmul_rn(__fmul_rn(__int2float_rn(acc[4 * j + 2 * h]), ts.x), sc[h]);
+          float y1 = __fmul_rn(__fmul_rn(__int2float_rn(acc[4 * j + 2 * h + 1]), ts.y), sc[h]);
+          if (bias != nullptr) y0 = __fadd_rn(y0, bi[h]), y1 = __fadd_rn(y1, bi[h]);
+          packed[i] = pack_pair(OutType<Out>::from_float(y0), OutType<Out>::from_float(y1));
+        }
+        stmatrix_x4_trans(rows + jj * 8 * T::OUT_PITCH, packed);
+      }
+      warpgroup_sync();
+#pragma unroll 4
+      for (int i = tid % 128; i < R * 8; i += 128) {
+        const int row = i / 8, token = m0 + round * R + row, c0 = n0 + wg * 64 + (i % 8) * 8;
+        if (token < m && c0 < n) {
+          *reinterpret_cast<uint4*>(out + static_cast<size_t>(token) * n + c0) =
+              *reinterpret_cast<const uint4*>(staging + row * T::OUT_PITCH + (i % 8) * 16);
+        }
+      }
+      warpgroup_sync();  // the rows are free for the next round or tile
+    }
+    return true;
+  };
+
   if constexpr (TMA) {
     // full[s]: slot s holds its stage (the producer's arrival and the copies' bytes); empty[s]:
-    // every math warp is done with it (its wgmmas retired).
+    // every math warp is done with it (its wgmmas retired). Stages are counted over the CTA's
+    // tiles (j): stage j is in slot j % kStages, its phase (j / kStages) & 1.
     __shared__ uint64_t full[kStages], empty[kStages];
     if (tid == 0) {
       for (int s = 0; s < kStages; s++) {
@@ -215,180 +323,116 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>, BM == 64
     if (warp >= kThreads / 32) {
       if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<false, 40>();
       if (warp == kThreads / 32 && lane == 0) {
-        // The copies of a stage: the CTA's valid n8 tiles of each k32 step (contiguous in the
-        // kernel layout), their group scales, and the activation box (rows past M read as 0).
-        const int n8_tiles = n / 8, tiles_here = min(kBN / 8, n8_tiles - n0 / 8);
-        const uint32_t w_bytes = tiles_here * 128, g_bytes = tiles_here * 16;
-        const uint32_t stage_bytes = (kBK / 32) * w_bytes + (GROUPED ? g_bytes : 0) + BM * kBK;
-        auto load_w = [&](int j) {
-          const int kb = kb_begin + j, s = j % kStages;
+        const int n8_tiles = n / 8;
+        int j = 0;
+        for_each_tile([&](int, int n0, int m0) {
+          // The copies of a stage: the tile's valid n8 tiles of each k32 step (contiguous in the
+          // kernel layout), their group scales, and the activation box (rows past M read as 0).
+          const int tiles_here = min(kBN / 8, n8_tiles - n0 / 8);
+          const uint32_t w_bytes = tiles_here * 128, g_bytes = tiles_here * 16;
+          const uint32_t stage_bytes = (kBK / 32) * w_bytes + (GROUPED ? g_bytes : 0) + BM * kBK;
+          auto load_w = [&](int i) {
+            const int kb = kb_begin + i, s = (j + i) % kStages;
 #pragma unroll
-          for (int ks = 0; ks < kBK / 32; ks++) {
-            bulk_copy(stage_w(s) + ks * kBN * 4,
-                      b + (static_cast<size_t>(kb * 4 + ks) * n8_tiles + n0 / 8) * 32, w_bytes,
-                      &full[s]);
+            for (int ks = 0; ks < kBK / 32; ks++) {
+              bulk_copy(stage_w(s) + ks * kBN * 4,
+                        b + (static_cast<size_t>(kb * 4 + ks) * n8_tiles + n0 / 8) * 32, w_bytes,
+                        &full[s]);
+            }
+            if constexpr (GROUPED) {
+              bulk_copy(stage_s(s), group + static_cast<size_t>(kb) * n + n0, g_bytes, &full[s]);
+            }
+          };
+          auto load_x = [&](int i) {
+            const int s = (j + i) % kStages;
+            tensor_copy_2d(stage_x(s), &x_map, (kb_begin + i) * kBK, m0, &full[s]);
+          };
+          // The first tile's first stages: the weights before waiting for the kernel that wrote
+          // the activations (programmatic dependent launch).
+          const int first = j == 0 ? min(kStages, iters) : 0;
+          for (int i = 0; i < first; i++) {
+            mbarrier_arrive_expect(&full[i], stage_bytes);
+            load_w(i);
           }
-          if constexpr (GROUPED) {
-            bulk_copy(stage_s(s), group + static_cast<size_t>(kb) * n + n0, g_bytes, &full[s]);
+          if (j == 0) wait_for_prior_grid();
+          for (int i = 0; i < first; i++) load_x(i);
+          for (int i = first; i < iters; i++) {
+            const int s = (j + i) % kStages;
+            if (j + i >= kStages) mbarrier_wait(&empty[s], ((j + i) / kStages - 1) & 1);
+            mbarrier_arrive_expect(&full[s], stage_bytes);
+            load_w(i);
+            load_x(i);
           }
-        };
-        auto load_x = [&](int j) {
-          tensor_copy_2d(stage_x(j % kStages), &x_map, (kb_begin + j) * kBK, m0,
-                         &full[j % kStages]);
-        };
-        // The weights of the first stages before waiting for the kernel that wrote the
-        // activations (programmatic dependent launch).
-        const int first = min(kStages, iters);
-        for (int j = 0; j < first; j++) {
-          mbarrier_arrive_expect(&full[j], stage_bytes);
-          load_w(j);
-        }
-        wait_for_prior_grid();
-        for (int j = 0; j < first; j++) load_x(j);
-        for (int j = first; j < iters; j++) {
-          mbarrier_wait(&empty[j % kStages], (j / kStages - 1) & 1);
-          mbarrier_arrive_expect(&full[j % kStages], stage_bytes);
-          load_w(j);
-          load_x(j);
-        }
+          j += iters;
+          return true;
+        });
       }
-      return;  // the math warps alone run the epilogue (named barrier 3)
+      return;  // the math warps alone run the epilogue (named barriers 1-3)
     }
     if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<true, 232>();
-    wait_for_prior_grid();  // before the epilogue reads a_scale and the workspace
-    read_scales();
-    cp_async_commit();
-    auto consume = [&](auto parity, int it) {
-      const int s = it % kStages;
-      mbarrier_wait(&full[s], (it / kStages) & 1);
-      multiply(parity, it, s);
-      wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
-      if (it > 0 && lane == 0) mbarrier_arrive(&empty[(it - 1) % kStages]);
-    };
-    by_parity(iters, consume);
+    wait_for_prior_grid();  // before reading a_scale and the workspace
+    int j = 0;
+    for_each_tile([&](int t, int n0, int m0) {
+      if (j > 0) sync_math();  // the last tile's epilogue is done with the scales
+      read_scales(m0, n0);
+      cp_async_commit();
+      auto consume = [&](auto parity, int it) {
+        const int s = (j + it) % kStages;
+        mbarrier_wait(&full[s], ((j + it) / kStages) & 1);
+        multiply(parity, it, s);
+        wgmma_wait<1>();  // stage it - 1's wgmmas are done: release its slot
+        if (it > 0 && lane == 0) mbarrier_arrive(&empty[(j + it - 1) % kStages]);
+      };
+      by_parity(iters, consume);
+      wgmma_wait<0>();
+      pin_registers(acc);
+      if (lane == 0) mbarrier_arrive(&empty[(j + iters - 1) % kStages]);
+      j += iters;
+      return epilogue(t, m0, n0);
+    });
   } else {
-    // Each call loads the next stage of its operand into slot s.
-    StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
-    auto load_x = [&](int s) { copies.activations(stage_x(s)); };
-    auto load_w = [&](int s) { copies.weights(stage_w(s), stage_s(s)); };
+    for_each_tile([&](int t, int n0, int m0) {
+      // Each call loads the next stage of its operand into slot s.
+      StageCopies<BM, kThreads, kBN, GROUPED> copies(a, b, group, m, n, k, m0, n0, kb_begin, tid);
+      auto load_x = [&](int s) { copies.activations(stage_x(s)); };
+      auto load_w = [&](int s) { copies.weights(stage_w(s), stage_s(s)); };
 
-    // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
-    // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while the
-    // wgmma of it - 1 may still run as this iteration decodes.
-    // The weights of the first stages are requested before waiting for the kernel that wrote the
-    // activations (programmatic dependent launch); they join the first cp.async group.
+      // Stage it + kStages - 2 is loaded at iteration it into the slot of stage it - 2: every
+      // warpgroup has waited for its wgmma of it - 2 before the barrier of iteration it, while
+      // the wgmma of it - 1 may still run as this iteration decodes.
+      // The weights of the first stages are requested before waiting for the kernel that wrote
+      // the activations (programmatic dependent launch); they join the first cp.async group.
 #pragma unroll
-    for (int s = 0; s < kStages - 2; s++) {
-      if (s < iters) load_w(s);
-    }
-    wait_for_prior_grid();
-    read_scales();  // joins the first stage's copies
-#pragma unroll
-    for (int s = 0; s < kStages - 2; s++) {
-      if (s < iters) load_x(s);
-      cp_async_commit();
-    }
-    auto stage = [&](auto parity, int it) {
-      cp_async_wait<kStages - 3>();
-      fence_proxy_async();
-      __syncthreads();
-      // The slot of stage it - 2 is free: both warpgroups waited for its wgmmas before this
-      // barrier.
-      if (it + kStages - 2 < iters) {
-        load_x((it + kStages - 2) % kStages);
-        load_w((it + kStages - 2) % kStages);
+      for (int s = 0; s < kStages - 2; s++) {
+        if (s < iters) load_w(s);
       }
-      cp_async_commit();
-      multiply(parity, it, it % kStages);
-      wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
-    };
-    by_parity(iters, stage);
-  }
-  wgmma_wait<0>();
-  pin_registers(acc);
-  cp_async_wait<0>();
-  sync_math();
-
-  // Stage the int32 tile [token][channel]: acc[4 j + 2 h + c] is channel 16 (warp % 4) + g + 8 h
-  // of this warpgroup's 64 and token 8 j + 2 (lane % 4) + c.
-  int* staged = reinterpret_cast<int*>(smem);
-  const int ch_base = (warp / 4) * 64 + (warp % 4) * 16 + lane / 4;
+      wait_for_prior_grid();
+      read_scales(m0, n0);  // joins the first stage's copies
 #pragma unroll
-  for (int j = 0; j < BM / 8; j++)
-#pragma unroll
-    for (int h = 0; h < 2; h++)
-#pragma unroll
-      for (int c = 0; c < 2; c++) {
-        staged[(8 * j + 2 * (lane % 4) + c) * T::ACC_PITCH + ch_base + 8 * h] = acc[4 * j + 2 * h + c];
+      for (int s = 0; s < kStages - 2; s++) {
+        if (s < iters) load_x(s);
+        cp_async_commit();
       }
-  sync_math();
-
-  constexpr int kChunks = kBN / 8;  // pieces of 8 channels per row
-  const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-  // Split K: a tile's partial sums live at ws_partial[(tile * splits + split) * BM * kBN].
-  auto partial = [&](int split) {
-    return ws_partial + (static_cast<size_t>(tile) * splits + split) * BM * kBN;
-  };
-  if (splits > 1) {
-    int* mine = partial(blockIdx.z);
-#pragma unroll 4
-    for (int i = tid; i < BM * kChunks; i += kThreads) {
-      const int r = i / kChunks, c = i % kChunks;
-      const int4* src = reinterpret_cast<const int4*>(staged + r * T::ACC_PITCH + c * 8);
-      int4* dst = reinterpret_cast<int4*>(mine + r * kBN + c * 8);
-      __stcg(dst, src[0]);
-      __stcg(dst + 1, src[1]);
-    }
-    __threadfence();
-    sync_math();
-    __shared__ int last;
-    if (tid == 0) last = atomicAdd(ws_count + tile, 1) == splits - 1;
-    sync_math();
-    if (!last) return;
-    __threadfence();
-    if (tid == 0) ws_count[tile] = 0;  // ready for the next call
-  }
-
-  // Epilogue: y = (float(acc) * a_scale[token]) * scale[channel] (+ bias), no contraction,
-  // exactly the reference's order; one thread writes 8 consecutive channels (always its piece c)
-  // of every (kThreads / kChunks)-th token.
-  static_assert(kThreads % kChunks == 0, "a thread keeps its piece of channels");
-  const int c = tid % kChunks, ch0 = n0 + c * 8;
-  if (ch0 >= n) return;
-  float sc[8];
-  alignas(16) Out bi[8];
-#pragma unroll
-  for (int e = 0; e < 8; e++) sc[e] = chan_scales[c * 8 + e];
-  *reinterpret_cast<uint4*>(bi) = *reinterpret_cast<const uint4*>(&chan_bias[c * 8]);
-#pragma unroll 4
-  for (int r = tid / kChunks; r < BM; r += kThreads / kChunks) {
-    if (m0 + r >= m) break;
-    int v[8];
-    if (splits == 1) {
-      const int4* p = reinterpret_cast<const int4*>(staged + r * T::ACC_PITCH + c * 8);
-      const int4 x0 = p[0], x1 = p[1];
-      v[0] = x0.x, v[1] = x0.y, v[2] = x0.z, v[3] = x0.w;
-      v[4] = x1.x, v[5] = x1.y, v[6] = x1.z, v[7] = x1.w;
-    } else {
-#pragma unroll
-      for (int e = 0; e < 8; e++) v[e] = 0;
-      for (int split = 0; split < splits; split++) {
-        const int4* p = reinterpret_cast<const int4*>(partial(split) + r * kBN + c * 8);
-        const int4 x0 = __ldcg(p), x1 = __ldcg(p + 1);
-        v[0] += x0.x, v[1] += x0.y, v[2] += x0.z, v[3] += x0.w;
-        v[4] += x1.x, v[5] += x1.y, v[6] += x1.z, v[7] += x1.w;
-      }
-    }
-    const float ts = token_scales[r];
-    alignas(16) Out y[8];
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      float f = __fmul_rn(__fmul_rn(__int2float_rn(v[e]), ts), sc[e]);
-      if (bias != nullptr) f = __fadd_rn(f, OutType<Out>::to_float(bi[e]));
-      y[e] = OutType<Out>::from_float(f);
-    }
-    *reinterpret_cast<uint4*>(out + static_cast<size_t>(m0 + r) * n + ch0) =
-        *reinterpret_cast<const uint4*>(y);
+      auto stage = [&](auto parity, int it) {
+        cp_async_wait<kStages - 3>();
+        fence_proxy_async();
+        __syncthreads();
+        // The slot of stage it - 2 is free: both warpgroups waited for its wgmmas before this
+        // barrier.
+        if (it + kStages - 2 < iters) {
+          load_x((it + kStages - 2) % kStages);
+          load_w((it + kStages - 2) % kStages);
+        }
+        cp_async_commit();
+        multiply(parity, it, it % kStages);
+        wgmma_wait<1>();  // the previous stage's wgmma is done: its registers and slot are free
+      };
+      by_parity(iters, stage);
+      wgmma_wait<0>();
+      pin_registers(acc);
+      cp_async_wait<0>();
+      return epilogue(t, m0, n0);
+    });
   }
 #else
   __trap();  // not built for sm_90a: wgmma_available() keeps the host from launching this
@@ -429,7 +473,8 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA>;
-  constexpr int smem = Tile<BM, STAGES>::SMEM_BYTES;
+  using T = Tile<BM, STAGES, TMA>;
+  constexpr int smem = T::SMEM_BYTES;
   constexpr int threads = kThreads + kProducerThreads<TMA, BM>;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
@@ -447,8 +492,13 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
     const int fit = static_cast<int>(workspace_partial_entries(n) / tile_entries);
     splits = std::max(1, std::min({sms * per_sm / (n_tiles * m_tiles), (k / kBK) / 8, fit}));
   }
+  // Persistent tiles: at most the CTAs that fit at once, each looping over its tiles.
+  const int tiles = n_tiles * m_tiles;
+  const dim3 grid = !T::PERSISTENT ? dim3(n_tiles, m_tiles, splits)
+                    : splits == 1  ? dim3(std::min(tiles, sms * per_sm))
+                                   : dim3(tiles, 1, splits);
   const CUtensorMap x_map = TMA ? activation_map(a, m, k, BM) : CUtensorMap{};
-  launch_kernel(kernel, dim3(n_tiles, m_tiles, splits), dim3(threads), smem, stream, pdl,
+  launch_kernel(kernel, grid, dim3(threads), smem, stream, pdl,
                 "w4a8_gemm_wgmma launch", a, a_scale, b, scale, group,
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k, ws_partial,
                 ws_count, x_map);

@@ -13,11 +13,10 @@ from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-# 16/17: the mma.sync / wgmma boundary; 33, 64, 65, 128, 200, 257: the wgmma kernel's token
-# tiles (64, 128, 256) full and partial.
-M_ALL = [1, 2, 7, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
-# The Hopper kernel's tiles (tokens x pipeline stages x weights from registers), w4a8_gemm_sm90.cu.
-# (tokens, slots, decoded weights from registers, loads by a producer warp): every built tile.
+# 9/10 and 16/17: the mma.sync / wgmma boundaries (large / small weights); 33, 64, 65, 128, 200,
+# 257: the wgmma kernel's token tiles (64, 128, 256) full and partial.
+M_ALL = [1, 2, 7, 9, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
+# The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
 WGMMA_TILES = [(64, 6, True), (64, 8, True), (128, 4, False), (128, 6, True), (256, 4, True)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
