@@ -1,5 +1,5 @@
-// W4A8 GEMM for Hopper (sm_90a) and M > 16: the product of w4a8_gemm.cu computed transposed,
-// out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
+// W4A8 GEMM for Hopper (sm_90a) above a few tokens (wgmma_default_min_m): the product of
+// w4a8_gemm.cu computed transposed, out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
 // M) and the CTA's BM tokens are wgmma's N; the activations come from 128B-swizzled shared memory.
 //
 // Per stage of 128 k, the int8 activations (BM x 128) and the 4-bit weights (the kernel layout of
@@ -18,14 +18,17 @@
 //   registers).
 //
 // BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
-// waits on memory rather than on the tensor cores.
+// waits on memory rather than on the tensor cores. Tiles that run one CTA per SM are persistent:
+// one CTA per SM takes tile after tile, its producer filling the ring for the next tile while the
+// math warpgroups run the last one's epilogue.
 //
 // Small grids (few N tiles, M <= 256) split K over blockIdx.z: each split stores its int32 tile
-// to the workspace with plain stores, and the last split of a tile (an atomic counter) adds them
-// in order and applies the epilogue. int32 sums are exact, so the result is the reference's.
-// The epilogue (the reference's fp32 formula) reads the int32 tile staged in shared memory, so
-// every global store is a whole 16-byte piece of an output row; its token and channel scales are
-// read into registers before the main loop, so their latency is not paid after it.
+// to the workspace, and the last split of a tile (an atomic counter) adds the others' and applies
+// the epilogue. int32 sums are exact, so the result is the reference's.
+// The epilogue applies the reference's fp32 formula in registers, with the token and channel
+// scales copied to shared memory before the main loop (measured: reading them after it cost
+// ~3.5 us per tile), then stores the 16-bit outputs transposed by stmatrix to staging rows and
+// copies those out in whole 16-byte pieces of output rows.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -142,10 +145,8 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
     return reinterpret_cast<half*>(smem + s * T::STAGE_BYTES + T::X_BYTES + T::W_BYTES);
   };
 
-  // This warp's 16 rows are the n8 tiles tile0 and tile0 + 1 of the CTA's kBN channels; in the
-  // A tile they are rows row and row + 8 (row % 8 == lane / 4).
+  // This warp's 16 rows of A are the n8 tiles tile0 and tile0 + 1 of the CTA's kBN channels.
   const int tile0 = (warp / 4) * 8 + (warp % 4) * 2;
-  const int row = (warp % 4) * 16 + lane / 4;
   int acc[BM / 2];  // set by the first wgmma (accumulate = false); K >= 128 is checked
   // The decoded weights of a stage in the wgmma A-fragment order: two buffers, by the stage's
   // parity, so a stage decodes while the previous one's wgmmas still read theirs.
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
       s_hi = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4])) *
              0x10001u;
     }
-    // Decode: for k32 step ks, lo = rows `row`, hi = rows row + 8; [0] k 0-15, [1] k 16-31.
+    // Decode: for k32 step ks, lo = n8 tile tile0, hi = tile0 + 1; [0] k 0-15, [1] k 16-31.
 #pragma unroll
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint32_t w_lo = sw[ks * kBN * 4 + tile0 * 32 + lane];

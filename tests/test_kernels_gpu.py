@@ -79,7 +79,7 @@ def test_gemm_matches_reference(shape, m, g):
                                      ("small_partial_n", 65), ("llama3_down", 257),
                                      ("qwen_qkv", 1024), ("wide_partial_n", 40)])
 def test_mma_kernel_above_16_matches_reference(shape, m, g):
-    """With wgmma switched off (as on sm_80), M > 16 runs the mma.sync kernel: still exact."""
+    """With wgmma switched off (as on sm_80), M >= 17 runs the mma.sync kernel: still exact."""
     from vllm_qqq import _C
     _C.set_wgmma(False)
     try:
@@ -173,7 +173,7 @@ def test_cuda_graph_and_compile():
 
 
 def test_wgmma_kernel_is_used_on_hopper():
-    """On an H100/H200 build with sm_90a, M > 16 must reach the wgmma kernel (a wrong check would
+    """On an H100/H200 build with sm_90a, M >= 17 must reach the wgmma kernel (a wrong check would
     silently fall back to the slower mma.sync kernel)."""
     from vllm_qqq import _C
     if torch.cuda.get_device_capability() != (9, 0):
