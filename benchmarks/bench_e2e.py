@@ -33,7 +33,8 @@ BATCHES = (1, 16, 64, 256)
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def make_models(workdir: Path, layers: int) -> dict[str, Path]:
+def make_models(workdir: Path, layers: int, formats: list[str]) -> dict[str, Path]:
+    """The FP16 model and the checkpoints of `formats` in workdir (made where missing)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,14 +63,14 @@ def make_models(workdir: Path, layers: int) -> dict[str, Path]:
     out = {"fp16": fp16}
     for name, g in (("qqq_channel", -1), ("qqq_g128", 128)):
         path = workdir / f"llama3-8b-shaped-{name}"
-        if not path.exists():
+        if name in formats and not path.exists():
             started = time.perf_counter()
             quantize_model(fp16, path, g, calib=None, device="cuda")
             print(f"{name} quantized in {time.perf_counter() - started:.0f} s", flush=True)
         out[name] = path
     for name, convert in (("w8a8", _w8a8_tensors), ("w4a16", _w4a16_tensors)):
         path = workdir / f"llama3-8b-shaped-{name}"
-        if not path.exists():
+        if name in formats and not path.exists():
             started = time.perf_counter()
             _convert(fp16, path, convert, QUANT_CONFIGS[name])
             print(f"{name} converted in {time.perf_counter() - started:.0f} s", flush=True)
@@ -268,9 +269,9 @@ def main():
     import torch
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    models = make_models(args.workdir, args.layers)
+    models = make_models(args.workdir, args.layers, args.formats.split(","))
     if args.prepare_only:
-        print("\n".join(f"{name}: {path}" for name, path in models.items()))
+        print("\n".join(f"{name}: {path}" for name, path in models.items() if path.exists()))
         return
     report = {"device": device, "model": f"Llama-3-8B-shaped, {args.layers} layers, random "
               "weights; QQQ by qqq-quantize (RTN), W8A8 compressed-tensors int8 (channel weights, "
