@@ -21,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_qqq import ops  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+MS = [1, 16, 64, 128, 256, 1024, 4096, 8192]
+ROTATE_BYTES = 150 * 2**20
+DEV = "cuda"
 
 
 def shape_kn(shape):
@@ -32,9 +35,6 @@ def shape_kn(shape):
     except ValueError:
         raise SystemExit(f"unknown shape {shape!r}: one of {', '.join(SHAPES)} or KxN") from None
     return k, n
-MS = [1, 16, 64, 128, 256, 1024, 4096, 8192]
-ROTATE_BYTES = 150 * 2**20
-DEV = "cuda"
 
 
 def rand_int32(*shape):

@@ -10,6 +10,13 @@ mkdir -p "$out"
 source .gpu/setup.sh || exit 1
 echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 status=0
+# The 32-layer Llama-3-8B-shaped checkpoints of the formats given (comma-separated) in /tmp/e2e,
+# made where missing; kept there for later calls on the same machine.
+prepare() {
+  python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" --formats "$1" \
+    --prepare-only
+}
+serve_args="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case $step in
@@ -53,8 +60,7 @@ for step in "$@"; do
       ;;
     profile)
       formats=${PROFILE_FORMATS:-fp16 qqq_channel}
-      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
-        --formats "${formats// /,}" --prepare-only
+      prepare "${formats// /,}"
       for fmt in $formats; do
         q=$([ $fmt = fp16 ] || echo "--quantization qqq")
         python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q --batches 1,16 \
@@ -65,21 +71,17 @@ for step in "$@"; do
       # vllm serve with vLLM's defaults: --quantization qqq under 64 clients x 60 s (~7 min on a
       # fresh machine with the checkpoint's preparation; serve-auto in the next call on the
       # same warm machine, as both do not fit one 10-minute call).
-      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
-        --formats qqq_channel --prepare-only
-      sa="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
+      prepare qqq_channel
       python3 benchmarks/serve_load.py /tmp/e2e/llama3-8b-shaped-qqq_channel --quantization qqq \
-        --concurrency 64 --duration 60 --serve-args "$sa" --json "$out/serve_qqq_channel.json" \
-        --log /tmp/serve_flag.log 2>&1 | tail -22 || status=1
+        --concurrency 64 --duration 60 --serve-args "$serve_args" \
+        --json "$out/serve_qqq_channel.json" --log /tmp/serve_flag.log 2>&1 | tail -22 || status=1
       tail -c 20000 /tmp/serve_flag.log > "$out/serve_qqq_channel.log"
       ;;
     serve-auto)
       # The g128 checkpoint served without the flag (auto-detection) under a shorter load.
-      python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
-        --formats qqq_g128 --prepare-only
-      sa="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
+      prepare qqq_g128
       python3 benchmarks/serve_load.py /tmp/e2e/llama3-8b-shaped-qqq_g128 \
-        --concurrency 16 --duration "${SERVE_AUTO_S:-20}" --serve-args "$sa" \
+        --concurrency 16 --duration "${SERVE_AUTO_S:-20}" --serve-args "$serve_args" \
         --json "$out/serve_qqq_g128_autodetect.json" --log /tmp/serve_auto.log 2>&1 | tail -22 || status=1
       tail -c 20000 /tmp/serve_auto.log > "$out/serve_qqq_g128_autodetect.log"
       ;;
