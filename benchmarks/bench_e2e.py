@@ -269,7 +269,10 @@ def main():
     import torch
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    models = make_models(args.workdir, args.layers, args.formats.split(","))
+    # "<qqq format>_kernel_quant": that checkpoint with VLLM_QQQ_COMPILED_QUANT=0 (vllm_qqq.ops).
+    variant = "_kernel_quant"
+    models = make_models(args.workdir, args.layers,
+                         sorted({f.removesuffix(variant) for f in args.formats.split(",")}))
     if args.prepare_only:
         print("\n".join(f"{name}: {path}" for name, path in models.items() if path.exists()))
         return
@@ -291,7 +294,11 @@ def main():
     for fmt in formats:
         quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
         env = dict(os.environ)
-        cmd = [sys.executable, __file__, "--child", str(models[fmt]), quant,
+        if fmt.endswith(variant):
+            env["VLLM_QQQ_COMPILED_QUANT"] = "0"
+        # vLLM's compile cache does not know VLLM_QQQ_*: one cache per format and variant.
+        env["VLLM_CACHE_ROOT"] = str(args.workdir / f"vllm-cache-{fmt}")
+        cmd = [sys.executable, __file__, "--child", str(models[fmt.removesuffix(variant)]), quant,
                "--batches", args.batches, "--capture-sizes", args.capture_sizes,
                "--repeats", str(args.repeats)] + (
                    ["--eager"] if args.eager else [])

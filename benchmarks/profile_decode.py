@@ -38,10 +38,10 @@ def main():
     rng = random.Random(0)
     report = {"model": str(args.model), "quantization": args.quantization, "batches": {}}
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = [{"prompt_token_ids": [rng.randrange(100, 32000) for _ in range(1024)]}
-                   for _ in range(batch)]
-
         def run(tokens):
+            # New prompts each time: a repeated one would be served from vLLM's prefix cache.
+            prompts = [{"prompt_token_ids": [rng.randrange(100, 32000) for _ in range(1024)]}
+                       for _ in range(batch)]
             params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True,
                                     detokenize=False)
             llm.generate(prompts, params, use_tqdm=False)
@@ -54,15 +54,30 @@ def main():
             walls.append(time.perf_counter() - start)
         wall_us = (walls[1] - walls[0]) / args.steps * 1e6
         # Profile prefill + 1 token, then prefill + 1 + steps tokens: the difference is the decode.
-        totals = []
+        totals, host = [], {}
         for tokens in (1, 1 + args.steps):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            activities = [torch.profiler.ProfilerActivity.CUDA]
+            if tokens == 1:  # and where the prefill's host time goes
+                activities.append(torch.profiler.ProfilerActivity.CPU)
+            with torch.profiler.profile(activities=activities) as prof:
                 run(tokens)
             kernels = {}
             for e in prof.key_averages():
                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
                     kernels[e.key] = kernels.get(e.key, 0.0) + e.self_device_time_total
+                elif e.device_type == torch.autograd.DeviceType.CPU and tokens == 1:
+                    host[e.key] = (e.count, e.cpu_time_total, e.self_cpu_time_total)
             totals.append(kernels)
+        # The prefill (run(1): `batch` x 1024 prompt tokens and one new token) runs outside CUDA
+        # graphs beyond 256 tokens, so its host side may cost more than its kernels.
+        prefill_us = sum(totals[0].values())
+        print(f"prefill + first token, batch {batch}: {prefill_us:.0f} us of GPU kernels, "
+              f"{walls[0] * 1e6:.0f} us wall clock", flush=True)
+        for name, us in sorted(totals[0].items(), key=lambda kv: -kv[1])[:8]:
+            print(f"{us:9.1f} us {100 * us / prefill_us:5.1f}%  {name[:110]}", flush=True)
+        print("host ops of the prefill (profiled), by total time: calls, total us, self us")
+        for name, (count, total, own) in sorted(host.items(), key=lambda kv: -kv[1][1])[:25]:
+            print(f"{count:7d} {total:10.0f} {own:10.0f}  {name[:100]}", flush=True)
         decode = {k: (totals[1].get(k, 0.0) - totals[0].get(k, 0.0)) / args.steps
                   for k in totals[1]}
         decode = {k: v for k, v in sorted(decode.items(), key=lambda kv: -kv[1]) if v > 0}
@@ -71,7 +86,10 @@ def main():
               f"{wall_us:.0f} us wall clock per step", flush=True)
         for name, us in list(decode.items())[:20]:
             print(f"{us:9.1f} us {100 * us / step_us:5.1f}%  {name[:110]}", flush=True)
-        report["batches"][batch] = {"wall_us_per_step": wall_us, "kernel_us_per_step": decode}
+        report["batches"][batch] = {"wall_us_per_step": wall_us, "kernel_us_per_step": decode,
+                                    "prefill_wall_us": walls[0] * 1e6,
+                                    "prefill_kernel_us": totals[0],
+                                    "prefill_host_ops": host}
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
 

@@ -19,12 +19,13 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
 // group scales [K/128, N]. workspace: int32 of ops.workspace_size(n) entries, its counters zeroed
 // and left zeroed.
-// after_quant: the kernel right before this call in the stream is quant_per_token writing a and
-// a_scale, and nothing this GEMM reads besides them; then (sm_90+) the GEMM is launched to start
-// early and prefetch its weights while the quantization finishes (programmatic dependent launch).
+// prefetch_weights: b and group are not written by the work before this call in the stream (a
+// model's weights); then (sm_90+) the GEMM is launched to start early and prefetch them while the
+// kernel before it (the activations' quantization) finishes, and it waits for that kernel before
+// it reads or writes anything else (programmatic dependent launch).
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream);
+               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream);
 
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
 // one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes
@@ -61,7 +62,7 @@ bool wgmma_available();
 void set_wgmma_enabled(bool on);
 // The smallest M the Hopper kernel takes (<= 0: wgmma_default_min_m).
 void set_wgmma_min_m(int m);
-// Programmatic dependent launch of after_quant GEMMs (sm_90+; default on).
+// Programmatic dependent launch of the prefetch_weights GEMMs (sm_90+; default on).
 void set_pdl(bool on);
 // The quantization kernel itself as a programmatic dependent launch after whatever kernel comes
 // before it (it waits for that kernel before reading x; sm_90+; default on).

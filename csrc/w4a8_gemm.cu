@@ -292,7 +292,7 @@ static void dispatch(const Call& c) {
 
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool after_quant, cudaStream_t stream) {
+               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument(
         "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
@@ -309,7 +309,7 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (m == 0) return;
   const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
-               after_quant && pdl_allowed && pdl_supported(), stream};
+               prefetch_weights && pdl_allowed && pdl_supported(), stream};
   const int min_m = wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();

@@ -59,12 +59,21 @@ for step in "$@"; do
       cp /tmp/e2e/e2e_h100.json /tmp/e2e/bench_e2e.log "$out/"
       ;;
     profile)
-      formats=${PROFILE_FORMATS:-fp16 qqq_channel}
-      prepare "${formats// /,}"
-      for fmt in $formats; do
+      # PROFILE_FORMATS: formats, "+kernel-quant" after a QQQ one runs it with
+      # VLLM_QQQ_COMPILED_QUANT=0 (the quantization kernel instead of PyTorch ops for Inductor).
+      runs=${PROFILE_FORMATS:-fp16 qqq_channel}
+      formats=$(echo $runs | tr ' ' '\n' | sed 's/+kernel-quant//' | sort -u | paste -sd,)
+      prepare "$formats"
+      for run in $runs; do
+        fmt=${run%+kernel-quant}
         q=$([ $fmt = fp16 ] || echo "--quantization qqq")
-        python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q --batches 1,16 \
-          --json "$out/profile_$fmt.json" 2>&1 | grep -A20 "^decode step" | tee -a "$out/profile.log"
+        echo "##### $run" | tee -a "$out/profile.log"
+        # vLLM's compile cache does not know this variable: one cache per variant.
+        VLLM_QQQ_COMPILED_QUANT=$([ $run = $fmt ] && echo 1 || echo 0) \
+          VLLM_CACHE_ROOT=/tmp/vllm-cache-${run/+/-} \
+          python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q \
+          --batches "${PROFILE_BATCHES:-1,16}" --json "$out/profile_${run/+/-}.json" 2>&1 \
+          | grep -E -A26 "^(prefill|host ops|decode step)" | tee -a "$out/profile.log"
       done
       ;;
     serve)
@@ -78,10 +87,10 @@ for step in "$@"; do
       tail -c 20000 /tmp/serve_flag.log > "$out/serve_qqq_channel.log"
       ;;
     serve-auto)
-      # The g128 checkpoint served without the flag (auto-detection) under a shorter load.
+      # The g128 checkpoint served without the flag (auto-detection) under the same load.
       prepare qqq_g128
       python3 benchmarks/serve_load.py /tmp/e2e/llama3-8b-shaped-qqq_g128 \
-        --concurrency 16 --duration "${SERVE_AUTO_S:-20}" --serve-args "$serve_args" \
+        --concurrency 64 --duration "${SERVE_AUTO_S:-60}" --serve-args "$serve_args" \
         --json "$out/serve_qqq_g128_autodetect.json" --log /tmp/serve_auto.log 2>&1 | tail -22 || status=1
       tail -c 20000 /tmp/serve_auto.log > "$out/serve_qqq_g128_autodetect.log"
       ;;

@@ -67,6 +67,56 @@ def test_ops_trace_with_fullgraph():
     torch.library.opcheck(torch.ops.qqq.quant_per_token.default, (x,))
     torch.library.opcheck(torch.ops.qqq.linear.default,
                           (x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None))
+    a, s = torch.ops.qqq.quant_per_token(x)
+    for prefetch in (False, True):
+        torch.library.opcheck(torch.ops.qqq.gemm.default, (a, s, t["qqq_b"], t["qqq_scale"],
+                                                           t["qqq_group"], ws, None,
+                                                           torch.float16, prefetch))
+
+
+@pytest.mark.parametrize("compiled_quant", ["1", "0"])
+def test_traced_linear_quantizes_with_pytorch_ops(monkeypatch, compiled_quant):
+    """Traced, the quantization is PyTorch ops (ops.compiled_quant) that Inductor can fuse with
+    the norm before it, then qqq.gemm; with VLLM_QQQ_COMPILED_QUANT=0, the qqq.linear op. Either
+    way Inductor's result is the eager one's, but where an activation lands one int8 code away
+    (Inductor may keep the normed x in fp32 where eager code rounds it to fp16 first)."""
+    monkeypatch.setenv("VLLM_QQQ_COMPILED_QUANT", compiled_quant)
+    qw, t = layer(256, 128, -1, seed=5)
+    ws = ops.workspace("cpu", 128)
+    weight = torch.rand(256, dtype=torch.float16) + 0.5
+
+    def f(x):
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
+        return ops.w4a8_linear(normed, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
+
+    called = set()
+
+    def record(gm, example_inputs):
+        called.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(f, fullgraph=True, dynamic=True, backend=record)(torch.randn(3, 256).half())
+    assert any("qqq.gemm" in c for c in called) == (compiled_quant == "1"), called
+    assert any("qqq.linear" in c for c in called) == (compiled_quant == "0"), called
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    w = qw.int8_weight().double() * qw.channel.double()  # [K, N]
+    for m in (1, 5, 33):
+        x = torch.randn(m, 256, dtype=torch.float16) * 3
+        y, ref = compiled(x).double(), f(x).double()
+        xf = x.double()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+        exact = normed @ w
+        # Each activation is off by at most half its code (s / 2) plus its fp16 rounding, the
+        # output by its own fp16 rounding: a worst case both paths must keep.
+        s_x = normed.abs().amax(-1, keepdim=True) / 127
+        bound = (s_x / 2 + normed.abs() * 2**-11) @ w.abs() + exact.abs() * 2**-10
+        assert ((y - exact).abs() <= bound).all() and ((ref - exact).abs() <= bound).all()
+        # And the two agree far closer than that: only a few codes differ.
+        assert (y - ref).abs().mean() <= 0.01 * ref.abs().mean()
 
 
 def test_bad_arguments_are_clear_errors():

@@ -180,14 +180,16 @@ def _(x):
 @torch.library.custom_op("qqq::gemm", mutates_args=("workspace",), device_types=("cpu", "cuda"))
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
          group: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None,
-         out_dtype: torch.dtype) -> torch.Tensor:
+         out_dtype: torch.dtype, prefetch_weights: bool = False) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
-    (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel."""
-    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant=False)
+    (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel.
+    prefetch_weights: b and group are not written by the kernel before this call (a model's
+    weights), so the GEMM may start early and prefetch them (csrc/kernels.h)."""
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights)
 
 
 @gemm.register_fake
-def _(a, a_scale, b, scale, group, workspace, bias, out_dtype):
+def _(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights=False):
     return a.new_empty((a.shape[0], b.shape[1] * 8), dtype=out_dtype)
 
 
@@ -196,9 +198,9 @@ def linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.T
            workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] fp16/bf16 -> x @ W in x's dtype: quant_per_token, then gemm, launched back to back
     in one op so that (on sm_90+) the GEMM may start while the quantization finishes and
-    prefetch its weights (programmatic dependent launch; csrc/kernels.h, after_quant)."""
+    prefetch its weights (programmatic dependent launch; csrc/kernels.h, prefetch_weights)."""
     a, a_scale = quant_per_token(x)
-    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, after_quant=True)
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, prefetch_weights=True)
 
 
 @linear.register_fake
@@ -206,7 +208,7 @@ def _(x, b, scale, group, workspace, bias):
     return x.new_empty((x.shape[0], b.shape[1] * 8))
 
 
-def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant):
+def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights):
     m, k = a.shape
     n = b.shape[1] * 8
     _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
@@ -218,7 +220,7 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, after_quant):
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
                 group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
                 out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
-                workspace.numel(), _stream(a), after_quant)
+                workspace.numel(), _stream(a), prefetch_weights)
     return out
 
 
@@ -255,10 +257,24 @@ def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m,
          "a, b, scale, group, bias and workspace must start 16-byte aligned")
 
 
+def compiled_quant() -> bool:
+    """Whether a traced linear quantizes its activations with PyTorch ops (default) rather than
+    the qqq.quant_per_token kernel: VLLM_QQQ_COMPILED_QUANT=0 turns it off."""
+    return os.environ.get("VLLM_QQQ_COMPILED_QUANT", "1") != "0"
+
+
 def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
                 workspace: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W for x [..., K] in fp16/bf16: per-token int8 quantization, then the W4A8 GEMM."""
     lead = x.shape[:-1]
-    out = torch.ops.qqq.linear(x.reshape(-1, x.shape[-1]).contiguous(), b, scale, group,
-                               workspace, bias)
+    x = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling() and compiled_quant():
+        # Traced (vLLM's torch.compile), the quantization as PyTorch ops lets Inductor fuse it
+        # into the kernel that produces x (vLLM's RMSNorm, SiLU-and-mul): one kernel and one
+        # round trip of x less per layer. Its arithmetic is the reference's; Inductor may keep
+        # x in fp32 where eager code rounds it to fp16 first, which can move a value by one code.
+        a, a_scale = quantize_per_token(x)
+        out = torch.ops.qqq.gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, True)
+    else:
+        out = torch.ops.qqq.linear(x.contiguous(), b, scale, group, workspace, bias)
     return out.reshape(*lead, out.shape[-1])
