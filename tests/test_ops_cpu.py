@@ -145,3 +145,20 @@ def test_workspace_size_agrees_with_the_kernels():
     _C = pytest.importorskip("vllm_qqq._C", reason="extension not built (no nvcc)")
     for n in (64, 192, 4096, 6144, 8192, 8256, 17920, 28672):
         assert _C.workspace_entries(n) == (ops.workspace_zeroed(n), ops.workspace_partial(n))
+
+
+def test_compiled_quant_setting_keys_vllms_compile_cache(monkeypatch):
+    """vLLM reuses compiled graphs from its cache by a key of its known environment variables:
+    the plugin declares VLLM_QQQ_COMPILED_QUANT there, so graphs traced under the other setting
+    are not reused, and vLLM's check for unknown VLLM_* variables accepts it."""
+    import vllm.envs as envs
+    from vllm.config.utils import hash_factors
+
+    import vllm_qqq
+
+    vllm_qqq.register()
+    monkeypatch.setenv("VLLM_QQQ_COMPILED_QUANT", "1")
+    on = hash_factors(envs.compile_factors())
+    monkeypatch.setenv("VLLM_QQQ_COMPILED_QUANT", "0")
+    assert hash_factors(envs.compile_factors()) != on
+    envs.validate_environ(hard_fail=True)

@@ -14,4 +14,17 @@ def register() -> None:
     from vllm_qqq.config import QQQConfig
 
     register_quantization_config("qqq")(QQQConfig)
+    _register_environment_variables()
     _registered = True
+
+
+def _register_environment_variables() -> None:
+    """Declares the VLLM_QQQ_* variables to vLLM: it then takes them into its torch.compile cache
+    key (VLLM_QQQ_COMPILED_QUANT changes the traced graph; a cached graph of the other setting
+    would be reused silently) and does not warn about them as unknown."""
+    import os
+
+    import vllm.envs as envs
+
+    for name, default in (("VLLM_QQQ_COMPILED_QUANT", "1"), ("VLLM_QQQ_QUANT_PDL", "1")):
+        envs.environment_variables.setdefault(name, lambda n=name, d=default: os.getenv(n, d))
