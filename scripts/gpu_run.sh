@@ -68,7 +68,7 @@ for step in "$@"; do
         fmt=${run%+kernel-quant}
         q=$([ $fmt = fp16 ] || echo "--quantization qqq")
         echo "##### $run" | tee -a "$out/profile.log"
-        # vLLM's compile cache does not know this variable: one cache per variant.
+        # One compile cache per variant (as bench_e2e): no run starts from another's graphs.
         VLLM_QQQ_COMPILED_QUANT=$([ $run = $fmt ] && echo 1 || echo 0) \
           VLLM_CACHE_ROOT=/tmp/vllm-cache-${run/+/-} \
           python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q \
