@@ -296,9 +296,6 @@ def main():
         env = dict(os.environ)
         if fmt.endswith(variant):
             env["VLLM_QQQ_COMPILED_QUANT"] = "0"
-        # One compile cache per format and variant: no run starts from another's graphs (the
-        # plugin keys vLLM's cache on VLLM_QQQ_*, but a cache of an older plugin may not).
-        env["VLLM_CACHE_ROOT"] = str(args.workdir / f"vllm-cache-{fmt}")
         cmd = [sys.executable, __file__, "--child", str(models[fmt.removesuffix(variant)]), quant,
                "--batches", args.batches, "--capture-sizes", args.capture_sizes,
                "--repeats", str(args.repeats)] + (

@@ -1,6 +1,7 @@
 // W4A8 GEMM for Hopper (sm_90a) above a few tokens (wgmma_default_min_m): the product of
-// w4a8_gemm.cu computed transposed, out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup owns 64 output channels (wgmma's
-// M) and the CTA's BM tokens are wgmma's N; the activations come from 128B-swizzled shared memory.
+// w4a8_gemm.cu computed transposed, out^T[n, m] = W[n, k] . X[m, k]^T, on wgmma. Each warpgroup
+// owns 64 output channels (wgmma's M) and the CTA's BM tokens are wgmma's N; the activations come
+// from 128B-swizzled shared memory.
 //
 // Per stage of 128 k, the int8 activations (BM x 128) and the 4-bit weights (the kernel layout of
 // vllm_qqq/ops.py) land in a ring of STAGES slots; each warpgroup decodes its weights to int8

@@ -68,9 +68,7 @@ for step in "$@"; do
         fmt=${run%+kernel-quant}
         q=$([ $fmt = fp16 ] || echo "--quantization qqq")
         echo "##### $run" | tee -a "$out/profile.log"
-        # One compile cache per variant (as bench_e2e): no run starts from another's graphs.
         VLLM_QQQ_COMPILED_QUANT=$([ $run = $fmt ] && echo 1 || echo 0) \
-          VLLM_CACHE_ROOT=/tmp/vllm-cache-${run/+/-} \
           python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q \
           --batches "${PROFILE_BATCHES:-1,16}" --json "$out/profile_${run/+/-}.json" 2>&1 \
           | grep -E -A26 "^(prefill|host ops|decode step)" | tee -a "$out/profile.log"

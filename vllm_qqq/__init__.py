@@ -1,5 +1,17 @@
 """vllm-qqq: serve QQQ W4A8 checkpoints with an unmodified vLLM."""
 
+import os
+
+# The plugin's environment variables and their defaults (read through setting()):
+# VLLM_QQQ_COMPILED_QUANT=0: traced linears quantize with the kernel, not PyTorch ops (ops.py);
+# VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py).
+ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1"}
+
+
+def setting(name: str) -> str:
+    return os.getenv(name, ENVIRONMENT[name])
+
+
 _registered = False
 
 
@@ -22,9 +34,7 @@ def _register_environment_variables() -> None:
     """Declares the VLLM_QQQ_* variables to vLLM: it then takes them into its torch.compile cache
     key (VLLM_QQQ_COMPILED_QUANT changes the traced graph; a cached graph of the other setting
     would be reused silently) and does not warn about them as unknown."""
-    import os
-
     import vllm.envs as envs
 
-    for name, default in (("VLLM_QQQ_COMPILED_QUANT", "1"), ("VLLM_QQQ_QUANT_PDL", "1")):
-        envs.environment_variables.setdefault(name, lambda n=name, d=default: os.getenv(n, d))
+    for name in ENVIRONMENT:
+        envs.environment_variables.setdefault(name, lambda n=name: setting(n))

@@ -11,10 +11,10 @@ two int8 mma B fragments that lane needs (a high nibble read as int8 is 16x its 
 """
 
 import logging
-import os
 
 import torch
 
+from vllm_qqq import setting
 from vllm_qqq.format import QQQWeight
 from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
@@ -27,7 +27,7 @@ except ImportError:  # built without CUDA: the reference path runs instead
 
 # VLLM_QQQ_QUANT_PDL=0 launches the quantization kernel plainly instead of as a programmatic
 # dependent launch (for measuring it inside vLLM's engine, which runs in its own process).
-if _C is not None and os.environ.get("VLLM_QQQ_QUANT_PDL", "1") == "0":
+if _C is not None and setting("VLLM_QQQ_QUANT_PDL") == "0":
     _C.set_quant_pdl(False)
 
 KERNEL_BK = 128  # K of one pipeline stage; also the only group size
@@ -260,7 +260,7 @@ def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m,
 def compiled_quant() -> bool:
     """Whether a traced linear quantizes its activations with PyTorch ops (default) rather than
     the qqq.quant_per_token kernel: VLLM_QQQ_COMPILED_QUANT=0 turns it off."""
-    return os.environ.get("VLLM_QQQ_COMPILED_QUANT", "1") != "0"
+    return setting("VLLM_QQQ_COMPILED_QUANT") != "0"
 
 
 def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
