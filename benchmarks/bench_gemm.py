@@ -269,6 +269,9 @@ def main():
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="time each shape's implementations this many times, taking turns (A B "
+                             "A B ...), and report the median: an A/B less exposed to drifting clocks")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     device = torch.cuda.get_device_name()
@@ -277,13 +280,18 @@ def main():
     rows, errors = [], {}
     for shape in args.shapes.split(","):
         k, n = shape_kn(shape)
-        for impl in args.impls.split(","):
-            try:
-                times = time_impl(IMPLS[impl], k, n, ms)
-            except Exception as e:  # a baseline that cannot run here is reported, not fatal
-                errors[f"{shape}/{impl}"] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(f"  {shape} {impl}: FAILED {errors[f'{shape}/{impl}']}", flush=True)
-                continue
+        runs = {}
+        for _ in range(args.repeat):
+            for impl in args.impls.split(","):
+                if f"{shape}/{impl}" in errors:
+                    continue
+                try:
+                    runs.setdefault(impl, []).append(time_impl(IMPLS[impl], k, n, ms))
+                except Exception as e:  # a baseline that cannot run here is reported, not fatal
+                    errors[f"{shape}/{impl}"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    print(f"  {shape} {impl}: FAILED {errors[f'{shape}/{impl}']}", flush=True)
+        for impl, timed in runs.items():
+            times = {m: statistics.median(t[m] for t in timed) for m in ms}
             for m, us in times.items():
                 rows.append({"shape": shape, "K": k, "N": n, "M": m, "impl": impl, "us": us})
             print(f"  {shape} {impl}: " + " ".join(f"{m}:{us:.1f}" for m, us in times.items()),

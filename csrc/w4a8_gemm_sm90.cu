@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
   auto multiply = [&](auto parity, int it, int s) {
     constexpr int p = decltype(parity)::value;
     const uint32_t* sw = stage_w(s);
-    uint32_t s_lo = 0, s_hi = 0;
+    [[maybe_unused]] uint32_t s_lo = 0, s_hi = 0;  // per-group only
     if constexpr (GROUPED) {
       s_lo = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + lane / 4])) * 0x10001u;
       s_hi = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4])) *
@@ -432,7 +432,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
       by_parity(iters, stage);
       wgmma_wait<0>();
       pin_registers(acc);
-      cp_async_wait<0>();
+      cp_async_wait<0>();  // before a split that is not the tile's last leaves (with its scales)
       return epilogue(t, m0, n0);
     });
   }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
-#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all vllm e2e profile
-#   serve serve-auto decode-diag ncu
+#   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all bench-ab vllm e2e
+#   profile serve serve-auto decode-diag ncu
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,6 +110,32 @@ for step in "$@"; do
       for mode in "" --eager; do
         python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers 2 --formats fp16,qqq_channel \
           --batches 1 $mode 2>&1 | tee -a "$out/decode_diag.log" | grep -vE "^\s*$" | tail -12
+      done
+      ;;
+    bench-ab)
+      # This tree's kernels against another revision's on one machine, the bench run in turns
+      # (clocks drift by a few % over a call; one bench after the other is no A/B). Make the other
+      # revision's files first: git archive REV CMakeLists.txt pyproject.toml csrc vllm_qqq
+      # offline benchmarks/bench_gemm.py > ab_base.tar. Both are built in place by CMake (not
+      # with the build step, whose editable install would shadow the base tree's package).
+      mkdir -p /tmp/ab_base && tar -xf ab_base.tar -C /tmp/ab_base || exit 1
+      inplace() {
+        cmake -S "$1" -B "$1/build/ab" -G Ninja -DQQQ_CUDA_ARCHS=90a -DCMAKE_BUILD_TYPE=Release \
+          -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" > "$1/build/ab.log" 2>&1 &&
+          cmake --build "$1/build/ab" >> "$1/build/ab.log" 2>&1 && cp "$1"/build/ab/_C*.so "$1/vllm_qqq/"
+      }
+      mkdir -p build /tmp/ab_base/build
+      inplace . & inplace /tmp/ab_base & wait
+      for tree in . /tmp/ab_base; do
+        (cd $tree && python3 -c "import vllm_qqq._C as c, os; assert c.__file__.startswith(os.getcwd()), c.__file__") || exit 1
+      done
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for tree in . /tmp/ab_base; do
+          echo "-- $([ $tree = . ] && echo this tree || echo base) round $round" | tee -a "$out/bench_ab.log"
+          (cd $tree && python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-128,256,1024,4096,8192}" \
+            --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,w8a8_cutlass} 2>&1) \
+            | grep "^  " | tee -a "$out/bench_ab.log"
+        done
       done
       ;;
     *) echo "unknown step $step"; exit 2 ;;
