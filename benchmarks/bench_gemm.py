@@ -286,10 +286,12 @@ def main():
                 if f"{shape}/{impl}" in errors:
                     continue
                 try:
-                    runs.setdefault(impl, []).append(time_impl(IMPLS[impl], k, n, ms))
+                    timed = time_impl(IMPLS[impl], k, n, ms)
                 except Exception as e:  # a baseline that cannot run here is reported, not fatal
                     errors[f"{shape}/{impl}"] = f"{type(e).__name__}: {str(e)[:200]}"
                     print(f"  {shape} {impl}: FAILED {errors[f'{shape}/{impl}']}", flush=True)
+                    continue
+                runs.setdefault(impl, []).append(timed)
         for impl, timed in runs.items():
             times = {m: statistics.median(t[m] for t in timed) for m in ms}
             for m, us in times.items():
