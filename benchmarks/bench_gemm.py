@@ -83,6 +83,10 @@ setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
 
 
+def setup_qqq_split_cap(splits):
+    return setup_qqq_switched(lambda c: c.set_split_cap(splits), lambda c: c.set_split_cap(0))
+
+
 def setup_qqq_tile(bm, stages, producer_warp=False, group=-1):
     def force(c):
         c.set_wgmma_tile(bm, stages, producer_warp)
@@ -183,6 +187,8 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
+    # The small-M kernel's K splits capped (the rule's choice: 5 on qkv, 8 on o and down).
+    **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6)},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
