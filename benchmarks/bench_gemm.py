@@ -187,8 +187,9 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
-    # The small-M kernel's K splits capped (the rule's choice: 5 on qkv, 8 on o and down).
-    **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6)},
+    # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
+    # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
+    **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

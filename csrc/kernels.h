@@ -62,7 +62,8 @@ bool wgmma_available();
 void set_wgmma_enabled(bool on);
 // The smallest M the Hopper kernel takes (<= 0: wgmma_default_min_m).
 void set_wgmma_min_m(int m);
-// At most this many K splits in the small-M kernel (<= 0: the rule's, the default).
+// At most this many K splits in the small-M kernel, in place of the rule's cap of 4 above 8 rows
+// (<= 0: the rule, the default).
 void set_split_cap(int splits);
 // Programmatic dependent launch of the prefetch_weights GEMMs (sm_90+; default on).
 void set_pdl(bool on);

@@ -244,7 +244,9 @@ struct Call {
 
 // How many ways the mma.sync kernel splits K for a tile of bm tokens: up to two CTAs per SM, each
 // split keeping at least two k blocks to pipeline, and the partial tiles within the workspace's
-// partial region. Splitting further (3 CTAs per SM) was measured slower.
+// partial region. Splitting further (3 CTAs per SM) was measured slower. Above 8 rows at most 4
+// splits, as the partial rows cost more than the extra splits gain (qkv M = 16: 12.3 us with 4
+// vs 13.3 with 5, o flat from 3 to 8 splits; NOTES.md "GEMM").
 static int split_cap = 0;  // set_split_cap
 void set_split_cap(int splits) { split_cap = std::max(splits, 0); }
 
@@ -254,7 +256,7 @@ static int split_count(int m, int n, int k, int bm) {
   const int tiles = (n + kBN - 1) / kBN * ((m + bm - 1) / bm);
   const int fit = static_cast<int>(workspace_partial_entries(n) / (int64_t{tiles} * bm * kBN));
   const int splits = std::max(1, std::min({(2 * sms) / tiles, (k / kBK) / 2, fit}));
-  return split_cap > 0 ? std::min(splits, split_cap) : splits;
+  return std::min(splits, split_cap > 0 ? split_cap : m > 8 ? 4 : splits);
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
