@@ -277,8 +277,9 @@ def main():
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--repeat", type=int, default=1,
-                        help="time each shape's implementations this many times, taking turns (A B "
-                             "A B ...), and report the median: an A/B less exposed to drifting clocks")
+                        help="time each shape's implementations this many times, taking turns "
+                             "(A B A B ...), and report the median: an A/B less exposed to "
+                             "drifting clocks")
     args = parser.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     device = torch.cuda.get_device_name()

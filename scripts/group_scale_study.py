@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from offline.grid import _channel_codes, _fp16_group_scales, _group_codes, _group_values  # noqa: E402
+from offline.grid import (  # noqa: E402
+    _channel_codes, _fp16_group_scales, _group_codes, _group_values)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
