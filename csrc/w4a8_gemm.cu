@@ -247,7 +247,9 @@ struct Call {
 // partial region. Splitting further (3 CTAs per SM) was measured slower. Above 8 rows at most 4
 // splits, as the partial rows cost more than the extra splits gain (qkv M = 16: 12.3 us with 4
 // vs 13.3 with 5, o flat from 3 to 8 splits; NOTES.md "GEMM").
-static int split_cap = 0;  // set_split_cap
+constexpr int kFewSplitsAboveRows = 8;
+constexpr int kFewSplits = 4;
+static int split_cap = 0;  // set_split_cap: in place of kFewSplits, at every M
 void set_split_cap(int splits) { split_cap = std::max(splits, 0); }
 
 static int split_count(int m, int n, int k, int bm) {
@@ -256,7 +258,8 @@ static int split_count(int m, int n, int k, int bm) {
   const int tiles = (n + kBN - 1) / kBN * ((m + bm - 1) / bm);
   const int fit = static_cast<int>(workspace_partial_entries(n) / (int64_t{tiles} * bm * kBN));
   const int splits = std::max(1, std::min({(2 * sms) / tiles, (k / kBK) / 2, fit}));
-  return std::min(splits, split_cap > 0 ? split_cap : m > 8 ? 4 : splits);
+  if (split_cap > 0) return std::min(splits, split_cap);
+  return m > kFewSplitsAboveRows ? std::min(splits, kFewSplits) : splits;
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>

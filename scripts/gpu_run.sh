@@ -127,13 +127,15 @@ for step in "$@"; do
       mkdir -p build /tmp/ab_base/build
       inplace . & inplace /tmp/ab_base & wait
       for tree in . /tmp/ab_base; do
-        (cd $tree && python3 -c "import vllm_qqq._C as c, os; assert c.__file__.startswith(os.getcwd()), c.__file__") || exit 1
+        (cd $tree && python3 -c "import vllm_qqq._C as c, os
+assert c.__file__.startswith(os.getcwd()), c.__file__") || exit 1
       done
       for round in $(seq ${AB_ROUNDS:-2}); do
         for tree in . /tmp/ab_base; do
           echo "-- $([ $tree = . ] && echo this tree || echo base) round $round" | tee -a "$out/bench_ab.log"
           (cd $tree && python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-128,256,1024,4096,8192}" \
-            --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,w8a8_cutlass} 2>&1) \
+            --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" \
+            --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,w8a8_cutlass} 2>&1) \
             | grep "^  " | tee -a "$out/bench_ab.log"
         done
       done
