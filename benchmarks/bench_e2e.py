@@ -240,19 +240,6 @@ def _weight_bytes(model_dir):
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
-# "<qqq format><variant>": that checkpoint run with the plugin's settings of the variant.
-VARIANTS = {"_kernel_quant": {"VLLM_QQQ_COMPILED_QUANT": "0"},
-            "_no_prefetch": {"VLLM_QQQ_PREFETCH_NEXT": "0"}}
-
-
-def checkpoint_of(fmt: str) -> tuple[str, dict[str, str]]:
-    """(checkpoint format, environment settings) of a --formats entry."""
-    for suffix, settings in VARIANTS.items():
-        if fmt.startswith("qqq") and fmt.endswith(suffix):
-            return fmt.removesuffix(suffix), settings
-    return fmt, {}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/e2e"))
@@ -282,8 +269,10 @@ def main():
     import torch
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # "<qqq format>_kernel_quant": that checkpoint with VLLM_QQQ_COMPILED_QUANT=0 (vllm_qqq.ops).
+    variant = "_kernel_quant"
     models = make_models(args.workdir, args.layers,
-                         sorted({checkpoint_of(f)[0] for f in args.formats.split(",")}))
+                         sorted({f.removesuffix(variant) for f in args.formats.split(",")}))
     if args.prepare_only:
         print("\n".join(f"{name}: {path}" for name, path in models.items() if path.exists()))
         return
@@ -304,9 +293,10 @@ def main():
     report["commands"].append(" ".join(sys.argv))
     for fmt in formats:
         quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
-        checkpoint, settings = checkpoint_of(fmt)
-        env = {**os.environ, **settings}
-        cmd = [sys.executable, __file__, "--child", str(models[checkpoint]), quant,
+        env = dict(os.environ)
+        if fmt.endswith(variant):
+            env["VLLM_QQQ_COMPILED_QUANT"] = "0"
+        cmd = [sys.executable, __file__, "--child", str(models[fmt.removesuffix(variant)]), quant,
                "--batches", args.batches, "--capture-sizes", args.capture_sizes,
                "--repeats", str(args.repeats)] + (
                    ["--eager"] if args.eager else [])

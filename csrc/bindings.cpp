@@ -26,24 +26,16 @@ PYBIND11_MODULE(_C, m) {
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
          uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,
-         int64_t workspace_entries, uintptr_t stream, bool prefetch_weights, uintptr_t next_b,
-         int64_t next_b_bytes, uintptr_t next_group, int64_t next_group_bytes) {
-        qqq::NextWeights next;
-        next.ptr[0] = ptr<const void>(next_b);
-        next.bytes[0] = next_b_bytes;
-        next.ptr[1] = ptr<const void>(next_group);
-        next.bytes[1] = next_group_bytes;
+         int64_t workspace_entries, uintptr_t stream, bool prefetch_weights) {
         qqq::w4a8_gemm(ptr<const int8_t>(a), ptr<const float>(a_scale), ptr<const uint32_t>(b),
                        ptr<const float>(scale), ptr<const void>(group), ptr<const void>(bias),
                        ptr<void>(out), out_dtype, rows, n, k, ptr<int>(workspace),
-                       workspace_entries, prefetch_weights, next,
-                       reinterpret_cast<cudaStream_t>(stream));
+                       workspace_entries, prefetch_weights, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("scale"), py::arg("group"),
       py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"),
-      py::arg("prefetch_weights") = false, py::arg("next_b") = 0, py::arg("next_b_bytes") = 0,
-      py::arg("next_group") = 0, py::arg("next_group_bytes") = 0);
+      py::arg("prefetch_weights") = false);
   m.def("wgmma_available", &qqq::wgmma_available,
         "Whether the Hopper wgmma kernel can run on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),

@@ -23,18 +23,9 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 // model's weights); then (sm_90+) the GEMM is launched to start early and prefetch them while the
 // kernel before it (the activations' quantization) finishes, and it waits for that kernel before
 // it reads or writes anything else (programmatic dependent launch).
-// next: the weights of the linear layer that runs after this one (its codes and group scales).
-// Where the small-M kernel runs (decode sizes, sm_90+), each CTA asks L2 for its share of them
-// once its own weights are in, so that they arrive while the kernels between the two GEMMs
-// (attention, norms: little DRAM traffic of their own) run, and the next GEMM reads from L2.
-struct NextWeights {
-  const void* ptr[2] = {nullptr, nullptr};  // 16-byte aligned
-  int64_t bytes[2] = {0, 0};                // multiples of 16
-};
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool prefetch_weights,
-               const NextWeights& next, cudaStream_t stream);
+               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream);
 
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
 // one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes

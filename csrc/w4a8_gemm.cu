@@ -42,35 +42,13 @@ struct Tile {
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 };
 
-// Asks L2 to fetch this CTA's share of the next layer's weights (kernels.h, NextWeights): the
-// CTAs split each range into equal 16-byte-aligned slices, one bulk prefetch each.
-__device__ __forceinline__ void prefetch_next_weights(const NextWeights& next) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int ctas = gridDim.x * gridDim.y * gridDim.z;
-  const int cta = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    if (threadIdx.x != 32 * r || next.ptr[r] == nullptr) continue;
-    const int64_t slice = (next.bytes[r] + ctas * int64_t{16} - 1) / (ctas * int64_t{16}) * 16;
-    const int64_t begin = cta * slice;
-    if (begin >= next.bytes[r]) continue;
-    const auto bytes = static_cast<uint32_t>(min(slice, next.bytes[r] - begin));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(
-                     static_cast<const uint8_t*>(next.ptr[r]) + begin),
-                 "r"(bytes)
-                 : "memory");
-  }
-#endif
-}
-
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
 __global__ void __launch_bounds__(kThreads, 2)
     w4a8_gemm_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                      const uint32_t* __restrict__ b, const float* __restrict__ scale,
                      const half* __restrict__ group, const Out* __restrict__ bias,
                      Out* __restrict__ out, int m, int n, int k,
-                     int* __restrict__ ws_partial, int* __restrict__ ws_count,
-                     const __grid_constant__ NextWeights next) {
+                     int* __restrict__ ws_partial, int* __restrict__ ws_count) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
   constexpr int kStages = T::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -162,7 +140,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   cp_async_wait<0>();
-  prefetch_next_weights(next);
 
   // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction.
   auto finish = [&](int row, int col, int v0, int v1) {
@@ -262,7 +239,6 @@ struct Call {
   int* ws_partial;
   int* ws_count;
   bool pdl;
-  NextWeights next;
   cudaStream_t stream;
 };
 
@@ -297,7 +273,7 @@ static void launch(const Call& c) {
                 dim3(kThreads), T::SMEM_BYTES, c.stream, c.pdl, "w4a8_gemm launch", c.a,
                 c.a_scale, c.b, c.scale, c.group,
                 static_cast<const Out*>(c.bias), static_cast<Out*>(c.out), c.m, c.n, c.k,
-                c.ws_partial, c.ws_count, c.next);
+                c.ws_partial, c.ws_count);
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
@@ -325,8 +301,7 @@ static void dispatch(const Call& c) {
 
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool prefetch_weights,
-               const NextWeights& next, cudaStream_t stream) {
+               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument(
         "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
@@ -340,17 +315,10 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   if (workspace_entries % 4) {  // the partial tiles at its end are read in 16-byte pieces
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace entries must be a multiple of 4");
   }
-  for (int r = 0; r < 2; r++) {
-    if (next.ptr[r] != nullptr &&
-        (next.bytes[r] < 0 || next.bytes[r] % 16 || reinterpret_cast<uintptr_t>(next.ptr[r]) % 16)) {
-      throw std::invalid_argument(
-          "vllm_qqq: w4a8_gemm's next weights must be 16-byte aligned multiples of 16 bytes");
-    }
-  }
   if (m == 0) return;
   const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
-               prefetch_weights && pdl_allowed && pdl_supported(), next, stream};
+               prefetch_weights && pdl_allowed && pdl_supported(), stream};
   const int min_m = wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
     static const int sms = sm_count();

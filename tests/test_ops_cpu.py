@@ -72,21 +72,6 @@ def test_ops_trace_with_fullgraph():
         torch.library.opcheck(torch.ops.qqq.gemm.default, (a, s, t["qqq_b"], t["qqq_scale"],
                                                            t["qqq_group"], ws, None,
                                                            torch.float16, prefetch))
-    # With the next layer's weights to prefetch (ignored on the CPU; never change the result).
-    _, nxt = layer(512, 256, 128, seed=1)
-    torch.library.opcheck(torch.ops.qqq.gemm.default,
-                          (a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
-                           torch.float16, True, nxt["qqq_b"], nxt["qqq_group"]))
-    torch.library.opcheck(torch.ops.qqq.linear.default,
-                          (x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None, nxt["qqq_b"],
-                           None))
-
-    def g(x):
-        return ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
-                               nxt["qqq_b"], nxt["qqq_group"])
-
-    assert torch.equal(torch.compile(g, fullgraph=True, backend="aot_eager", dynamic=True)(x),
-                       f(x) / 2)
 
 
 @pytest.mark.parametrize("compiled_quant", ["1", "0"])
@@ -152,40 +137,6 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="a must be contiguous int8"):
         torch.ops.qqq.gemm(a.float(), s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
                            torch.float16)
-    # The next layer's weights: whole 16-byte pieces, contiguous, on the GEMM's device.
-    nxt = t["qqq_b"].flatten()
-    for bad in (nxt[1:], nxt[:-1], t["qqq_b"].transpose(0, 1)):
-        with pytest.raises(ValueError, match="next layer's weights"):
-            torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
-                               torch.float16, True, bad)
-
-
-@pytest.mark.parametrize("setting", ["1", "0"])
-def test_layers_learn_the_next_layers_weights(monkeypatch, setting):
-    """In load order (vLLM's module order) each kernel-path layer is handed the weights of the one
-    after it, as plain tensors sharing their memory (not a second registration of a Parameter);
-    the last has none, and with VLLM_QQQ_PREFETCH_NEXT=0 no layer has any."""
-    pytest.importorskip("vllm")
-    from vllm_qqq import linear_method
-    monkeypatch.setattr(linear_method, "_last_loaded", {})
-    monkeypatch.setenv("VLLM_QQQ_PREFETCH_NEXT", setting)
-    layers = []
-    for i, (n, g) in enumerate([(192, -1), (128, 128), (256, -1)]):
-        module = torch.nn.Module()
-        for name, t in layer(256, n, g, seed=i)[1].items():
-            module.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
-        linear_method._chain(module)
-        layers.append(module)
-    for before, after in zip(layers, layers[1:]):
-        if setting == "0":
-            assert before.qqq_next_b is None and before.qqq_next_group is None
-            continue
-        assert not isinstance(before.qqq_next_b, torch.nn.Parameter)
-        assert before.qqq_next_b.data_ptr() == after.qqq_b.data_ptr()
-        assert torch.equal(before.qqq_next_group, after.qqq_group)
-        assert {name for name, _ in before.named_parameters()} == {"qqq_b", "qqq_scale",
-                                                                   "qqq_group"}
-    assert layers[-1].qqq_next_b is None
 
 
 def test_workspace_size_agrees_with_the_kernels():

@@ -20,7 +20,6 @@ def test_kernels_generate_like_the_reference(qqq_checkpoints, qqq_calibrated, ki
     result = json.loads(lines[-1][len("RESULT "):])
     assert "linear layers run the QQQ CUDA kernels" in proc.stdout + proc.stderr
     assert "run the PyTorch reference" not in proc.stdout + proc.stderr
-    assert "prefetch the next layer's weights" in proc.stdout + proc.stderr
     # fp16 activations on the GPU against the fp32 reference model: per-token int8 rounding
     # flips a little more often than between two fp32 runs, hence a looser tie allowance.
     ties = check_greedy(ckpt, result["tokens"], near_tie=1.0)

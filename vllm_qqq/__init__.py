@@ -4,10 +4,8 @@ import os
 
 # The plugin's environment variables and their defaults (read through setting()):
 # VLLM_QQQ_COMPILED_QUANT=0: traced linears quantize with the kernel, not PyTorch ops (ops.py);
-# VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py);
-# VLLM_QQQ_PREFETCH_NEXT=0: no GEMM prefetches the next linear's weights into L2 (ops.py).
-ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1",
-               "VLLM_QQQ_PREFETCH_NEXT": "1"}
+# VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py).
+ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1"}
 
 
 def setting(name: str) -> str:

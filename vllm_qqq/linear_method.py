@@ -6,8 +6,6 @@ re-laid out once for the path that runs: the CUDA kernels (vllm_qqq.ops) or, els
 PyTorch reference on an int8 copy of the weight.
 """
 
-import weakref
-
 import torch
 from torch.nn import Parameter
 from vllm.logger import init_logger
@@ -25,30 +23,6 @@ _announced = set()
 
 # Largest |s_group| that cannot push (code - 8) * s_group out of int8 for codes of one sign.
 _MAX_GROUP_SCALE = 127.5 / 7
-
-# The kernel-path layer loaded last on each device. vLLM processes the layers in module order,
-# which in decoder models is the order they run in (qkv, o, gate_up, down, next block's qkv), so
-# each layer is told the weights of the one after it, for the GEMM to prefetch into L2
-# (ops.prefetch_next). Where a model's module order differs, a GEMM prefetches weights that are
-# not next: DRAM bandwidth spent in vain, never a different result.
-_last_loaded: dict[torch.device, weakref.ref] = {}
-
-
-def _chain(layer: torch.nn.Module) -> None:
-    layer.qqq_next_b = layer.qqq_next_group = None
-    if not ops.prefetch_next():
-        return
-    device = layer.qqq_b.device
-    before = _last_loaded.get(device)
-    before = before() if before is not None else None
-    if before is not None:
-        # Plain tensors (not Parameters): an attribute, not a second registration of the weight.
-        before.qqq_next_b, before.qqq_next_group = layer.qqq_b.data, layer.qqq_group.data
-        if "prefetch" not in _announced:
-            _announced.add("prefetch")
-            logger.info("QQQ linear layers prefetch the next layer's weights into L2 at decode "
-                        "sizes (VLLM_QQQ_PREFETCH_NEXT=0 turns it off)")
-    _last_loaded[device] = weakref.ref(layer)
 
 
 def _checked_loader(layer, name: str, dtype: torch.dtype, loader):
@@ -148,7 +122,6 @@ class QQQLinearMethod(LinearMethodBase):
                 keep(name, t)
             layer.qqq_workspace = ops.workspace(w.codes.device, layer.qqq_out)
             layer.qqq_cuda = True
-            _chain(layer)
         else:
             keep("qqq_w8", w.int8_weight())
             keep("qqq_scale", w.channel.float().contiguous())
@@ -162,6 +135,5 @@ class QQQLinearMethod(LinearMethodBase):
               bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.qqq_cuda:
             return ops.w4a8_linear(x, layer.qqq_b, layer.qqq_scale, layer.qqq_group,
-                                   layer.qqq_workspace, bias, layer.qqq_next_b,
-                                   layer.qqq_next_group)
+                                   layer.qqq_workspace, bias)
         return w4a8_linear(x, layer.qqq_w8, layer.qqq_scale, bias, x.dtype)

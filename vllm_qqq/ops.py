@@ -180,46 +180,38 @@ def _(x):
 @torch.library.custom_op("qqq::gemm", mutates_args=("workspace",), device_types=("cpu", "cuda"))
 def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
          group: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None,
-         out_dtype: torch.dtype, prefetch_weights: bool = False, next_b: torch.Tensor | None = None,
-         next_group: torch.Tensor | None = None) -> torch.Tensor:
+         out_dtype: torch.dtype, prefetch_weights: bool = False) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
     (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel.
     prefetch_weights: b and group are not written by the kernel before this call (a model's
-    weights), so the GEMM may start early and prefetch them (csrc/kernels.h).
-    next_b, next_group: the weights of the linear layer that runs next, which the GEMM asks L2 to
-    fetch at decode sizes once its own are in (csrc/kernels.h, NextWeights)."""
-    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights,
-                 next_b, next_group)
+    weights), so the GEMM may start early and prefetch them (csrc/kernels.h)."""
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights)
 
 
 @gemm.register_fake
-def _(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights=False, next_b=None,
-      next_group=None):
+def _(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights=False):
     return a.new_empty((a.shape[0], b.shape[1] * 8), dtype=out_dtype)
 
 
 @torch.library.custom_op("qqq::linear", mutates_args=("workspace",), device_types=("cpu", "cuda"))
 def linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
-           workspace: torch.Tensor, bias: torch.Tensor | None, next_b: torch.Tensor | None = None,
-           next_group: torch.Tensor | None = None) -> torch.Tensor:
+           workspace: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] fp16/bf16 -> x @ W in x's dtype: quant_per_token, then gemm, launched back to back
     in one op so that (on sm_90+) the GEMM may start while the quantization finishes and
     prefetch its weights (programmatic dependent launch; csrc/kernels.h, prefetch_weights)."""
     a, a_scale = quant_per_token(x)
-    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, True, next_b, next_group)
+    return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, prefetch_weights=True)
 
 
 @linear.register_fake
-def _(x, b, scale, group, workspace, bias, next_b=None, next_group=None):
+def _(x, b, scale, group, workspace, bias):
     return x.new_empty((x.shape[0], b.shape[1] * 8))
 
 
-def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights, next_b=None,
-          next_group=None):
+def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights):
     m, k = a.shape
     n = b.shape[1] * 8
     _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
-    next_ranges = _next_ranges(a.device, next_b, next_group)
     if a.device.type == "cpu":
         acc = int8_matmul(a, kernel_int8_weight(b, group))
         return scale_output(acc, a_scale, scale, bias, out_dtype)
@@ -228,24 +220,8 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weig
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
                 group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
                 out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
-                workspace.numel(), _stream(a), prefetch_weights, *next_ranges)
+                workspace.numel(), _stream(a), prefetch_weights)
     return out
-
-
-def _next_ranges(device, *tensors) -> list[int]:
-    """(pointer, bytes) of each next-layer tensor for _C.gemm, 0 for none or an empty one."""
-    ranges = []
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            ranges += [0, 0]
-            continue
-        nbytes = t.numel() * t.element_size()
-        if t.device != device or not t.is_contiguous() or t.data_ptr() % 16 or nbytes % 16:
-            raise ValueError(f"qqq.gemm: the next layer's weights must be contiguous on {device}, "
-                             f"16-byte aligned and a multiple of 16 bytes, got {t.dtype} "
-                             f"{list(t.shape)} on {t.device}")
-        ranges += [t.data_ptr(), nbytes]
-    return ranges
 
 
 def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
@@ -287,18 +263,9 @@ def compiled_quant() -> bool:
     return setting("VLLM_QQQ_COMPILED_QUANT") != "0"
 
 
-def prefetch_next() -> bool:
-    """Whether each QQQ linear asks L2 for the next linear's weights at decode sizes (default);
-    VLLM_QQQ_PREFETCH_NEXT=0 turns it off."""
-    return setting("VLLM_QQQ_PREFETCH_NEXT") != "0"
-
-
 def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.Tensor,
-                workspace: torch.Tensor, bias: torch.Tensor | None = None,
-                next_b: torch.Tensor | None = None,
-                next_group: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W for x [..., K] in fp16/bf16: per-token int8 quantization, then the W4A8 GEMM
-    (which may prefetch next_b / next_group, the next linear's weights, into L2)."""
+                workspace: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W for x [..., K] in fp16/bf16: per-token int8 quantization, then the W4A8 GEMM."""
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     if torch.compiler.is_compiling() and compiled_quant():
@@ -307,9 +274,7 @@ def w4a8_linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: to
         # round trip of x less per layer. Its arithmetic is the reference's; Inductor may keep
         # x in fp32 where eager code rounds it to fp16 first, which can move a value by one code.
         a, a_scale = quantize_per_token(x)
-        out = torch.ops.qqq.gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, True,
-                                 next_b, next_group)
+        out = torch.ops.qqq.gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, True)
     else:
-        out = torch.ops.qqq.linear(x.contiguous(), b, scale, group, workspace, bias, next_b,
-                                   next_group)
+        out = torch.ops.qqq.linear(x.contiguous(), b, scale, group, workspace, bias)
     return out.reshape(*lead, out.shape[-1])
