@@ -49,7 +49,10 @@ def reference(x, t, bias):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,k", [(1, 128), (3, 4096), (64, 14336), (4096, 1536), (257, 8)])
+# K: each register variant of the kernel (up to 1, 2, 4, 8 vectors per thread, full and partial)
+# and the two-pass loop above 16384.
+@pytest.mark.parametrize("m,k", [(1, 128), (3, 4096), (64, 14336), (4096, 1536), (257, 8),
+                                 (2, 16384), (5, 2056), (3, 20480)])
 def test_quant_kernel_bit_identical(m, k, dtype):
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 20).to(dtype)
     x[0, : min(k, 5)] = 0
