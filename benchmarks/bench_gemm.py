@@ -88,17 +88,6 @@ def setup_qqq_split_cap(splits):
     return setup_qqq_switched(lambda c: c.set_split_cap(splits), lambda c: c.set_split_cap(0))
 
 
-def setup_qqq_small_stages(stages, splits=0):
-    def on(c):
-        c.set_small_stages(stages)
-        c.set_split_cap(splits)
-
-    def off(c):
-        c.set_small_stages(4)
-        c.set_split_cap(0)
-    return setup_qqq_switched(on, off)
-
-
 def setup_qqq_tile(bm, stages, producer_warp=False, group=-1):
     def force(c):
         c.set_wgmma_tile(bm, stages, producer_warp)
@@ -202,10 +191,6 @@ IMPLS = {
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
-    # The small-M kernel's ring at M <= 16: 6 or 8 stages instead of 4, the splits by the rule
-    # or capped.
-    **{f"qqq_channel_stages{st}": setup_qqq_small_stages(st) for st in (6, 8)},
-    **{f"qqq_channel_stages8_splits{s}": setup_qqq_small_stages(8, s) for s in (2, 3, 4)},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

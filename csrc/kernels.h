@@ -65,8 +65,6 @@ void set_wgmma_min_m(int m);
 // At most this many K splits in the small-M kernel, in place of the rule's cap of 4 above 8 rows
 // (<= 0: the rule, the default).
 void set_split_cap(int splits);
-// Tuning: the small-M kernel's load ring at M <= 16 (4, 6 or 8 stages; default 4).
-void set_small_stages(int stages);
 // Programmatic dependent launch of the prefetch_weights GEMMs (sm_90+; default on).
 void set_pdl(bool on);
 // The quantization kernel itself as a programmatic dependent launch after whatever kernel comes

@@ -111,21 +111,6 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("stages", [4, 6, 8])
-def test_small_m_load_rings_match_reference(stages, g):
-    """The small-M kernel's ring depths (set_small_stages), at M <= 16 with and without split-K
-    and with more stages than a split has k blocks."""
-    from vllm_qqq import _C
-    _C.set_small_stages(stages)
-    try:
-        for shape, m in (("llama3_qkv", 1), ("llama3_o", 9), ("llama3_down", 16),
-                         ("qwen_down", 7), ("small_partial_n", 3), ("llama3_gate_up", 2)):
-            check_gemm(shape, m, g)
-    finally:
-        _C.set_small_stages(4)
-
-
-@pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("early", [True, False])
 def test_quant_launch_either_way_matches_reference(early, g):
     """The quantization kernel launched early after the previous kernel (the default; it waits
