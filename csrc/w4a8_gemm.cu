@@ -96,6 +96,49 @@ __global__ void __launch_bounds__(kThreads, 2)
     cp_async_commit();
   }
 
+  // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction. Its
+  // scales and bias are loaded well before the sums are ready (below), so that the kernel's end
+  // waits for the sums alone: loaded after them, they had cost one more L2 round trip per call.
+  auto bias_pair = [&](int col) {
+    return bias == nullptr ? make_float2(0.f, 0.f)
+                           : make_float2(OutType<Out>::to_float(bias[col]),
+                                         OutType<Out>::to_float(bias[col + 1]));
+  };
+  auto finish = [&](int row, int col, int v0, int v1, float ts, float2 sc, float2 bs) {
+    float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), sc.x);
+    float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), sc.y);
+    if (bias != nullptr) {
+      y0 = __fadd_rn(y0, bs.x);
+      y1 = __fadd_rn(y1, bs.y);
+    }
+    Out* dst = out + static_cast<size_t>(row) * n + col;
+    dst[0] = OutType<Out>::from_float(y0);
+    dst[1] = OutType<Out>::from_float(y1);
+  };
+
+  // Without split-K each thread writes its fragments' rows and columns. Their operands are
+  // loaded before the main loop in the small-M tile; the larger tiles (sm_80, M > 16) have no
+  // registers to spare through the loop and load them after it.
+  float frag_ts[MT][2];
+  float2 frag_sc[NT], frag_bs[NT];
+  auto load_frag_operands = [&] {
+#pragma unroll
+    for (int i = 0; i < MT; i++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
+        frag_ts[i][h] = row < m ? a_scale[row] : 0.f;
+      }
+#pragma unroll
+    for (int j = 0; j < NT; j++) {
+      const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
+      frag_sc[j] = col < n ? *reinterpret_cast<const float2*>(scale + col) : make_float2(0.f, 0.f);
+      frag_bs[j] = col < n ? bias_pair(col) : make_float2(0.f, 0.f);
+    }
+  };
+  constexpr bool kOperandsFirst = MT == 1;
+  if (kOperandsFirst && splits == 1) load_frag_operands();
+
   for (int it = 0; it < iters; it++) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
@@ -141,21 +184,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   cp_async_wait<0>();
 
-  // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction.
-  auto finish = [&](int row, int col, int v0, int v1) {
-    const float ts = a_scale[row];
-    float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), scale[col]);
-    float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), scale[col + 1]);
-    if (bias != nullptr) {
-      y0 = __fadd_rn(y0, OutType<Out>::to_float(bias[col]));
-      y1 = __fadd_rn(y1, OutType<Out>::to_float(bias[col + 1]));
-    }
-    Out* dst = out + static_cast<size_t>(row) * n + col;
-    dst[0] = OutType<Out>::from_float(y0);
-    dst[1] = OutType<Out>::from_float(y1);
-  };
-
   if (splits == 1) {
+    if (!kOperandsFirst) load_frag_operands();
 #pragma unroll
     for (int i = 0; i < MT; i++)
 #pragma unroll
@@ -164,13 +194,41 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int h = 0; h < 2; h++) {
           const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
           const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
-          if (row < m && col < n) finish(row, col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          if (row < m && col < n) {
+            finish(row, col, acc[i][j][2 * h], acc[i][j][2 * h + 1], frag_ts[i][h], frag_sc[j],
+                   frag_bs[j]);
+          }
         }
     return;
   }
 
   // Split K: this split's partial tile (its valid rows) goes to its own slot of the workspace;
-  // the last split of the tile to finish adds the slots and applies the epilogue.
+  // the last split of the tile to finish adds the slots and applies the epilogue. Each thread of
+  // that split adds 4 channels of rows r0, r0 + 8, ... over the splits with 16-byte loads,
+  // several splits in flight at once. (Adding per mma fragment, one split after another,
+  // chained `splits` dependent L2 round trips per fragment: measured, NOTES.md "GEMM".)
+  constexpr int kQuads = kBN / 4;
+  constexpr int kRowsPerThread = T::BM * kQuads / kThreads;
+  static_assert(kThreads % kQuads == 0 && kRowsPerThread >= 1, "whole rows per pass");
+  const int r0 = tid / kQuads, c = (tid % kQuads) * 4;
+  const bool col_ok = n0 + c < n;  // n % 64 == 0: all four channels or none
+  float4 sum_sc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float2 sum_bs[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+  float sum_ts[kRowsPerThread];
+  auto load_sum_operands = [&] {  // before the handshake in the small-M tile, as above
+    if (col_ok) {
+      sum_sc = *reinterpret_cast<const float4*>(scale + n0 + c);
+      sum_bs[0] = bias_pair(n0 + c);
+      sum_bs[1] = bias_pair(n0 + c + 2);
+    }
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; i++) {
+      const int row = m0 + r0 + i * (kThreads / kQuads);
+      sum_ts[i] = row < m ? a_scale[row] : 0.f;
+    }
+  };
+  if (kOperandsFirst) load_sum_operands();
+
   const int tile = blockIdx.y * gridDim.x + blockIdx.x;
   auto partial = [&](int split, int r, int c) {
     return reinterpret_cast<int2*>(
@@ -186,21 +244,25 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int c = (wn * NT + j) * 8 + (lane % 4) * 2;
         if (m0 + r < m) __stcg(partial(blockIdx.z, r, c), make_int2(acc[i][j][2 * h], acc[i][j][2 * h + 1]));
       }
-  __threadfence();
+  // Handshake: after the CTA barrier one thread releases the CTA's partial stores with a fence
+  // and counts the split in; the last split's thread acquires the others' with a second fence
+  // before the CTA barrier that lets its threads read them. (A fence in every thread, as before,
+  // made all 256 wait on a sequentially consistent one.)
   __syncthreads();
   __shared__ int last;
-  if (tid == 0) last = atomicAdd(ws_count + tile, 1) == splits - 1;
+  if (tid == 0) {
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+    last = atomicAdd(ws_count + tile, 1) == splits - 1;
+    if (last) asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+  }
   __syncthreads();
   if (!last) return;
-  __threadfence();
-  // Each thread adds 4 channels of one row over the splits with 16-byte loads, several splits in
-  // flight at once. (Adding per mma fragment, one split after another, chained `splits`
-  // dependent L2 round trips per fragment: measured, NOTES.md "GEMM".)
-  constexpr int kQuads = kBN / 4;
+  if (!kOperandsFirst) load_sum_operands();
   const int rows = min(T::BM, m - m0);
-  for (int q = tid; q < rows * kQuads; q += kThreads) {
-    const int r = q / kQuads, c = (q % kQuads) * 4;
-    if (n0 + c >= n) continue;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; i++) {
+    const int r = r0 + i * (kThreads / kQuads);
+    if (r >= rows || !col_ok) continue;
     int4 sum = make_int4(0, 0, 0, 0);
 #pragma unroll 4
     for (int split = 0; split < splits; split++) {
@@ -210,8 +272,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       sum.z += p.z;
       sum.w += p.w;
     }
-    finish(m0 + r, n0 + c, sum.x, sum.y);
-    finish(m0 + r, n0 + c + 2, sum.z, sum.w);
+    finish(m0 + r, n0 + c, sum.x, sum.y, sum_ts[i], make_float2(sum_sc.x, sum_sc.y), sum_bs[0]);
+    finish(m0 + r, n0 + c + 2, sum.z, sum.w, sum_ts[i], make_float2(sum_sc.z, sum_sc.w),
+           sum_bs[1]);
   }
   if (tid == 0) ws_count[tile] = 0;  // ready for the next call
 }
