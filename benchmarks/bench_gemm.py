@@ -23,7 +23,6 @@ from vllm_qqq import ops  # noqa: E402
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 MS = [1, 16, 64, 128, 256, 1024, 4096, 8192]
 ROTATE_BYTES = 150 * 2**20
-MIN_SETS = 3  # --hot: 1 (the weights stay in L2 where they fit)
 DEV = "cuda"
 
 
@@ -208,10 +207,11 @@ IMPLS = {
 }
 
 
-def time_impl(setup, k, n, ms):
-    """{m: microseconds per call} for one implementation and shape."""
+def time_impl(setup, k, n, ms, hot=False):
+    """{m: microseconds per call} for one implementation and shape; hot: one weight set called
+    back to back (L2-resident where it fits) instead of sets rotating past L2."""
     first, nbytes = setup(k, n)
-    sets = max(MIN_SETS, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
+    sets = 1 if hot else max(3, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
     fns = [first] + [setup(k, n)[0] for _ in range(sets - 1)]
     result = {}
     for m in ms:
@@ -219,7 +219,7 @@ def time_impl(setup, k, n, ms):
         for f, x in zip(fns, xs):
             f(x)  # warm up, JIT and workspace setup outside the graph
         torch.cuda.synchronize()
-        calls = max(len(fns), 2 * len(fns) if m <= 256 else len(fns), 16 if MIN_SETS == 1 else 0)
+        calls = max(len(fns), 2 * len(fns) if m <= 256 else len(fns), 16 if hot else 0)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for i in range(calls):
@@ -285,9 +285,6 @@ def main():
                         help="one weight set, called back to back: L2-resident where it fits "
                              "(how fast the kernels run without DRAM)")
     args = parser.parse_args()
-    if args.hot:
-        global ROTATE_BYTES, MIN_SETS
-        ROTATE_BYTES, MIN_SETS = 0, 1
     ms = [int(m) for m in args.ms.split(",")]
     device = torch.cuda.get_device_name()
     bw = measure_bandwidth()
@@ -301,7 +298,7 @@ def main():
                 if f"{shape}/{impl}" in errors:
                     continue
                 try:
-                    timed = time_impl(IMPLS[impl], k, n, ms)
+                    timed = time_impl(IMPLS[impl], k, n, ms, args.hot)
                 except Exception as e:  # a baseline that cannot run here is reported, not fatal
                     errors[f"{shape}/{impl}"] = f"{type(e).__name__}: {str(e)[:200]}"
                     print(f"  {shape} {impl}: FAILED {errors[f'{shape}/{impl}']}", flush=True)
