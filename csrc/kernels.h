@@ -55,6 +55,14 @@ void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      int k, int* ws_partial, int* ws_count, int sms, bool pdl,
                      cudaStream_t stream);
 
+// The same product for M <= 16 without split-K (w4a8_gemm_narrow.cu): 32-channel tiles, K split
+// over the warps of a CTA. N % 32 == 0, K % 128 == 0.
+void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
+                      const float* scale, const half* group, const void* bias, void* out,
+                      int out_dtype, int m, int n, int k, bool pdl, cudaStream_t stream);
+// Tuning: M <= 16 on the narrow kernel instead of the split-K one (default off).
+void set_narrow(bool on);
+
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
 bool wgmma_available();
 

@@ -284,6 +284,8 @@ static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 static bool pdl_allowed = true;
 void set_pdl(bool on) { pdl_allowed = on; }
+static bool narrow_enabled = false;
+void set_narrow(bool on) { narrow_enabled = on; }
 static int wgmma_min_m = 0;  // 0: wgmma_default_min_m
 void set_wgmma_min_m(int m) { wgmma_min_m = std::max(m, 0); }
 
@@ -388,6 +390,9 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
     static const int sms = sm_count();
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
                     c.ws_partial, c.ws_count, sms, c.pdl, stream);
+  } else if (narrow_enabled && m <= 16) {
+    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
+                     c.pdl, stream);
   } else if (out_dtype == kFloat16) {
     dispatch<half>(c);
   } else {

@@ -111,6 +111,22 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
+def test_narrow_kernel_matches_reference(g):
+    """The narrow M <= 16 kernel (set_narrow: K split over the warps of a CTA): full and partial
+    last stages (K of 2, 12, 32, 70, 112 k blocks), a partial N tile of the split-K kernel's
+    (N = 192, 8256), with and without bias."""
+    from vllm_qqq import _C
+    _C.set_narrow(True)
+    try:
+        for shape, m in (("llama3_qkv", 1), ("llama3_o", 9), ("llama3_down", 16), ("qwen_down", 7),
+                         ("qwen_qkv", 3), ("small_partial_n", 16), ("wide_partial_n", 5),
+                         ("llama3_gate_up", 2)):
+            check_gemm(shape, m, g)
+    finally:
+        _C.set_narrow(False)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("early", [True, False])
 def test_quant_launch_either_way_matches_reference(early, g):
     """The quantization kernel launched early after the previous kernel (the default; it waits
