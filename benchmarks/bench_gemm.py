@@ -83,6 +83,12 @@ setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
 
 
+# M <= 16 forced onto one small-M kernel: narrow (K split over the warps of a CTA) or split-K,
+# instead of the rule's choice by shape.
+def setup_qqq_small_m(mode, group=-1):
+    return setup_qqq_switched(lambda c: c.set_narrow(mode), lambda c: c.set_narrow(-1), group)
+
+
 def setup_qqq_split_cap(splits):
     return setup_qqq_switched(lambda c: c.set_split_cap(splits), lambda c: c.set_split_cap(0))
 
@@ -190,6 +196,8 @@ IMPLS = {
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
+    "qqq_channel_narrow": setup_qqq_small_m(1), "qqq_g128_narrow": setup_qqq_small_m(1, 128),
+    "qqq_channel_splitk": setup_qqq_small_m(0), "qqq_g128_splitk": setup_qqq_small_m(0, 128),
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

@@ -42,6 +42,9 @@ PYBIND11_MODULE(_C, m) {
         "Use the Hopper wgmma kernel where the GPU has it (the default).");
   m.def("set_split_cap", &qqq::set_split_cap, py::arg("splits"),
         "Tuning: at most this many K splits in the small-M kernel (<= 0: by the rule).");
+  m.def("set_narrow", &qqq::set_narrow, py::arg("mode"),
+        "Tuning/tests: M <= 16 on the narrow kernel (K split over warps): < 0 by the rule "
+        "(default), 0 never (split-K), > 0 always.");
   m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
   m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),

@@ -55,6 +55,22 @@ void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      int k, int* ws_partial, int* ws_count, int sms, bool pdl,
                      cudaStream_t stream);
 
+// The same product for M <= 16 without split-K (w4a8_gemm_narrow.cu): 32-channel tiles, K split
+// over the warps of a CTA. N % 32 == 0, K % 128 == 0.
+void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
+                      const float* scale, const half* group, const void* bias, void* out,
+                      int out_dtype, int m, int n, int k, bool pdl, cudaStream_t stream);
+// Whether M <= 16 (below the Hopper kernel) runs the narrow kernel rather than split-K. Measured
+// on the H100 (NOTES.md "GEMM", twelfth session): per-channel, narrow is 22-27% faster on qkv and
+// o and 8% on down at M = 1-4, a tie on gate_up; g128, narrow is 7-22% faster on qkv and o but
+// 10-15% slower on gate_up and down (K * N >= 32M: its 8 warps per CTA decode 8.5x more
+// instructions per weight word, which the split-K kernel's 16 warps per SM hide better).
+inline bool narrow_default(int k, int n, bool grouped) {
+  return !grouped || static_cast<int64_t>(k) * n < (int64_t{32} << 20);
+}
+// Tuning/tests: < 0 the rule above (default), 0 always split-K, > 0 always narrow (M <= 16).
+void set_narrow(int mode);
+
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
 bool wgmma_available();
 

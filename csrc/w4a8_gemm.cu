@@ -12,7 +12,8 @@
 // split stores its int32 partial tile to the workspace with plain stores, and the last split of a
 // tile to finish (an atomic counter) adds them in order and applies the epilogue. (Adding into a
 // zeroed buffer with atomics instead was measured slower on the H100 at M = 16: the atomics and
-// the fence after them stalled the warps; NOTES.md "GEMM".)
+// the fence after them stalled the warps; NOTES.md "GEMM".) At M <= 16 the narrow kernel
+// (w4a8_gemm_narrow.cu) takes most shapes instead: narrow_default in kernels.h.
 #include <algorithm>
 
 #include "common.cuh"
@@ -284,6 +285,8 @@ static bool wgmma_enabled = true;
 void set_wgmma_enabled(bool on) { wgmma_enabled = on; }
 static bool pdl_allowed = true;
 void set_pdl(bool on) { pdl_allowed = on; }
+static int narrow_mode = -1;
+void set_narrow(int mode) { narrow_mode = mode; }
 static int wgmma_min_m = 0;  // 0: wgmma_default_min_m
 void set_wgmma_min_m(int m) { wgmma_min_m = std::max(m, 0); }
 
@@ -388,6 +391,10 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
     static const int sms = sm_count();
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
                     c.ws_partial, c.ws_count, sms, c.pdl, stream);
+  } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, c.group != nullptr)
+                                          : narrow_mode > 0)) {
+    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
+                     c.pdl, stream);
   } else if (out_dtype == kFloat16) {
     dispatch<half>(c);
   } else {

@@ -111,6 +111,26 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("mode", [1, 0])
+def test_small_m_kernels_either_way_match_reference(mode, g):
+    """M <= 16 forced onto each small-M kernel, whichever the rule picks for the shape: the narrow
+    one (set_narrow(1): K split over the warps of a CTA) with full and partial last stages (K of
+    2, 12, 32, 70, 112 k blocks), and split-K (set_narrow(0)); a partial N tile of the split-K
+    kernel's (N = 192, 8256), with and without bias."""
+    from vllm_qqq import _C
+    _C.set_narrow(mode)
+    _C.set_wgmma_min_m(17)  # the large shapes at M = 10-16 too
+    try:
+        for shape, m in (("llama3_qkv", 1), ("llama3_o", 9), ("llama3_down", 16), ("qwen_down", 7),
+                         ("qwen_qkv", 3), ("small_partial_n", 16), ("wide_partial_n", 5),
+                         ("llama3_gate_up", 2), ("llama3_gate_up", 12)):
+            check_gemm(shape, m, g)
+    finally:
+        _C.set_narrow(-1)
+        _C.set_wgmma_min_m(0)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("early", [True, False])
 def test_quant_launch_either_way_matches_reference(early, g):
     """The quantization kernel launched early after the previous kernel (the default; it waits

@@ -1,0 +1,211 @@
+// W4A8 GEMM for M <= 16 without split-K: narrow tiles of 32 channels, K split over the warps of
+// one CTA instead of over CTAs. The split-K kernel (w4a8_gemm.cu) pays, at the end of every
+// call, a handshake through L2 (partial tiles stored, fence, counter, partials loaded back);
+// here the 8 warps of a CTA each take one 128-deep block of every 1024-deep stage and add their
+// partial tiles in shared memory. N / 32 CTAs (qkv 192, o and down 128 on the Llama-3-8B
+// shapes) each stream their 32 channels over all of K.
+#include "common.cuh"
+#include "decode.cuh"
+#include "kernels.h"
+#include "stage_copies.cuh"
+
+namespace qqq {
+
+namespace {
+
+constexpr int kNarrowThreads = 256;
+constexpr int kNarrowWarps = kNarrowThreads / 32;
+constexpr int kNarrowBN = 32;   // channels per CTA: 4 n8 tiles
+constexpr int kNarrowBM = 16;   // tokens: one m16 tile
+constexpr int kNarrowStages = 3;
+constexpr int kBlockK = 128;    // one warp's k block per stage
+constexpr int kNarrowNT = kNarrowBN / 8;
+// Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
+constexpr int kCopyThreads = 128;
+constexpr int kBlocksPerHalf = kNarrowWarps / 2;
+using NarrowCopies = StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, false>;
+using NarrowGroupCopies = StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, true>;
+
+// One k block's slot: activations [16 rows][128 bytes] (swizzled), weights [4 k32][4 n8][32
+// words], the block's group scales [32 channels].
+constexpr int kSlotA = kNarrowBM * kBlockK;
+constexpr int kSlotB = (kBlockK / 32) * kNarrowNT * 32 * 4;
+constexpr int kSlotS = kNarrowBN * 2;
+constexpr int kSlotBytes = kSlotA + kSlotB + kSlotS;
+constexpr int kStageBytes = kNarrowWarps * kSlotBytes;
+constexpr int kNarrowSmem = kNarrowStages * kStageBytes;
+static_assert(kNarrowWarps * kNarrowNT * 4 * 32 * 4 <= kNarrowSmem, "reduction fits the ring");
+
+template <typename Out, bool GROUPED>
+__global__ void __launch_bounds__(kNarrowThreads, 2)
+    w4a8_narrow_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
+                       const uint32_t* __restrict__ b, const float* __restrict__ scale,
+                       const half* __restrict__ group, const Out* __restrict__ bias,
+                       Out* __restrict__ out, int m, int n, int k) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int n0 = blockIdx.x * kNarrowBN;
+  const int kblocks = k / kBlockK;
+  const int iters = (kblocks + kNarrowWarps - 1) / kNarrowWarps;
+  auto slot = [&](int stage, int block) { return smem + stage * kStageBytes + block * kSlotBytes; };
+
+  // This thread copies k blocks half * 4 .. half * 4 + 3 of every stage.
+  const int half_id = tid / kCopyThreads;
+  StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, GROUPED> copies(
+      a, b, group, m, n, k, 0, n0, half_id * kBlocksPerHalf, tid % kCopyThreads);
+  auto load = [&](int it, bool activations) {  // stage `it` into its ring slot
+#pragma unroll
+    for (int j = 0; j < kBlocksPerHalf; j++) {
+      const int block = half_id * kBlocksPerHalf + j;
+      uint8_t* s = slot(it % kNarrowStages, block);
+      if (it * kNarrowWarps + block < kblocks) {
+        if (activations) {
+          copies.activations(s);
+        } else {
+          copies.weights(reinterpret_cast<uint32_t*>(s + kSlotA),
+                         reinterpret_cast<half*>(s + kSlotA + kSlotB));
+        }
+      }
+    }
+  };
+  // The copies advance one k block per call; past each stage's 4 they skip the other half's.
+  auto skip_other_half = [&](bool activations) {
+    if (activations) {
+      copies.a_src += kBlocksPerHalf * kBlockK;
+    } else {
+      copies.w_src += static_cast<size_t>(kBlocksPerHalf) * (kBlockK / 32) * copies.n8_tiles * 32;
+      if constexpr (GROUPED) copies.g_src += static_cast<size_t>(kBlocksPerHalf) * n;
+    }
+  };
+
+  // Epilogue operands first (thread t writes channels j = t / 64, rows h = (t / 32) % 2 of the
+  // fragment pairs of `lane`), so that the end of the kernel waits for the sums alone.
+  const int out_j = tid / 64, out_h = (tid / 32) % 2;
+  const int out_row = lane / 4 + out_h * 8;
+  const int out_col = n0 + out_j * 8 + (lane % 4) * 2;
+  float2 out_sc = *reinterpret_cast<const float2*>(scale + out_col);
+  float2 out_bs = make_float2(0.f, 0.f);
+  if (bias != nullptr) {
+    out_bs = make_float2(OutType<Out>::to_float(bias[out_col]),
+                         OutType<Out>::to_float(bias[out_col + 1]));
+  }
+
+  int acc[kNarrowNT][4] = {};
+  // Weights of the first stages before waiting for the kernel that wrote the activations.
+#pragma unroll
+  for (int s = 0; s < kNarrowStages - 1; s++) {
+    if (s < iters) {
+      load(s, false);
+      skip_other_half(false);
+    }
+  }
+  wait_for_prior_grid();
+  const float out_ts = out_row < m ? a_scale[out_row] : 0.f;
+#pragma unroll
+  for (int s = 0; s < kNarrowStages - 1; s++) {
+    if (s < iters) {
+      load(s, true);
+      skip_other_half(true);
+    }
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < iters; it++) {
+    cp_async_wait<kNarrowStages - 2>();
+    __syncthreads();
+    if (it + kNarrowStages - 1 < iters) {
+      load(it + kNarrowStages - 1, false);
+      skip_other_half(false);
+      load(it + kNarrowStages - 1, true);
+      skip_other_half(true);
+    }
+    cp_async_commit();
+
+    if (it * kNarrowWarps + warp >= kblocks) continue;  // past K: this warp's block is empty
+    const uint8_t* s = slot(it % kNarrowStages, warp);
+    const uint32_t* sb = reinterpret_cast<const uint32_t*>(s + kSlotA);
+    uint32_t s2[kNarrowNT];
+    if constexpr (GROUPED) {
+      const half* ss = reinterpret_cast<const half*>(s + kSlotA + kSlotB);
+#pragma unroll
+      for (int j = 0; j < kNarrowNT; j++) {
+        s2[j] = static_cast<uint32_t>(__half_as_ushort(ss[j * 8 + lane / 4])) * 0x10001u;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < kBlockK / 32; ks++) {
+      uint32_t af[4];
+      const int r = lane % 16, c = ks * 2 + lane / 16;
+      ldmatrix_x4(af, s + r * kBlockK + ((c ^ (r % 8)) * 16));
+#pragma unroll
+      for (int j = 0; j < kNarrowNT; j++) {
+        const uint32_t w = sb[(ks * kNarrowNT + j) * 32 + lane];
+        uint32_t b0, b1;
+        if constexpr (GROUPED) {
+          decode_group(w, s2[j], b0, b1);
+        } else {
+          decode_channel(w, b0, b1);
+        }
+        mma_s8(acc[j], af, b0, b1);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the ring is free: the warps' partial tiles go there
+
+  int* red = reinterpret_cast<int*>(smem);  // [warp][j][e][lane]
+#pragma unroll
+  for (int j = 0; j < kNarrowNT; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) red[((warp * kNarrowNT + j) * 4 + e) * 32 + lane] = acc[j][e];
+  __syncthreads();
+  int v0 = 0, v1 = 0;
+#pragma unroll
+  for (int w = 0; w < kNarrowWarps; w++) {
+    v0 += red[((w * kNarrowNT + out_j) * 4 + 2 * out_h) * 32 + lane];
+    v1 += red[((w * kNarrowNT + out_j) * 4 + 2 * out_h + 1) * 32 + lane];
+  }
+  if (out_row >= m) return;
+  // y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction (the reference's).
+  float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), out_ts), out_sc.x);
+  float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), out_ts), out_sc.y);
+  if (bias != nullptr) {
+    y0 = __fadd_rn(y0, out_bs.x);
+    y1 = __fadd_rn(y1, out_bs.y);
+  }
+  Out* dst = out + static_cast<size_t>(out_row) * n + out_col;
+  dst[0] = OutType<Out>::from_float(y0);
+  dst[1] = OutType<Out>::from_float(y1);
+}
+
+template <typename Out, bool GROUPED>
+void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
+                   const half* group, const void* bias, void* out, int m, int n, int k, bool pdl,
+                   cudaStream_t stream) {
+  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED>;
+  allow_smem<kernel, kNarrowSmem>();
+  launch_kernel(kernel, dim3(n / kNarrowBN), dim3(kNarrowThreads), kNarrowSmem, stream, pdl,
+                "w4a8_gemm narrow launch", a, a_scale, b, scale, group,
+                static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k);
+}
+
+}  // namespace
+
+void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
+                      const float* scale, const half* group, const void* bias, void* out,
+                      int out_dtype, int m, int n, int k, bool pdl, cudaStream_t stream) {
+  if (m > kNarrowBM || n % kNarrowBN || k % kBlockK) {
+    throw std::invalid_argument("vllm_qqq: the narrow W4A8 kernel takes M <= 16, N % 32 == 0, "
+                                "K % 128 == 0");
+  }
+  const bool grouped = group != nullptr;
+  if (out_dtype == kFloat16) {
+    (grouped ? launch_narrow<half, true> : launch_narrow<half, false>)(
+        a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+  } else {
+    (grouped ? launch_narrow<__nv_bfloat16, true> : launch_narrow<__nv_bfloat16, false>)(
+        a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+  }
+}
+
+}  // namespace qqq
