@@ -89,6 +89,18 @@ def setup_qqq_small_m(mode, group=-1):
     return setup_qqq_switched(lambda c: c.set_narrow(mode), lambda c: c.set_narrow(-1), group)
 
 
+# The narrow kernel up to M = 16 on every shape, the Hopper kernel only from 17.
+def setup_qqq_narrow16(group=-1):
+    def force(c):
+        c.set_narrow(1)
+        c.set_wgmma_min_m(17)
+
+    def restore(c):
+        c.set_narrow(-1)
+        c.set_wgmma_min_m(0)
+    return setup_qqq_switched(force, restore, group)
+
+
 def setup_qqq_split_cap(splits):
     return setup_qqq_switched(lambda c: c.set_split_cap(splits), lambda c: c.set_split_cap(0))
 
@@ -198,6 +210,7 @@ IMPLS = {
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
     "qqq_channel_narrow": setup_qqq_small_m(1), "qqq_g128_narrow": setup_qqq_small_m(1, 128),
     "qqq_channel_splitk": setup_qqq_small_m(0), "qqq_g128_splitk": setup_qqq_small_m(0, 128),
+    "qqq_channel_narrow16": setup_qqq_narrow16(), "qqq_g128_narrow16": setup_qqq_narrow16(128),
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
