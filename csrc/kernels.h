@@ -34,11 +34,16 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
 // mma.sync kernel's 16-token tiles, up to 4 splits); each launch keeps splits x token rows of its
 // tiles within them. Anchoring the partials at the end keeps them clear of every layer's counters
 // when the buffer is sized max(counters) + max(partials).
-// The smallest M the Hopper kernel takes by default: from 10 tokens on weights of >= 32M entries
-// (gate_up, down: a 64-token tile beats the mma.sync kernel's split-K from M = 10-12), from 17
-// on smaller ones (qkv, o: it loses up to M = 14-16). Measured, NOTES.md "GEMM".
-inline int wgmma_default_min_m(int k, int n) {
-  return static_cast<int64_t>(k) * n >= (int64_t{32} << 20) ? 10 : 17;
+// Weights of >= 32M entries (Llama-3-8B gate_up and down; qkv and o are below).
+inline bool large_weight(int k, int n) {
+  return static_cast<int64_t>(k) * n >= (int64_t{32} << 20);
+}
+// The smallest M the Hopper kernel takes by default: from 17 tokens, as the narrow kernel beats
+// it below on every shape per-channel (gate_up M = 10: 27.1 vs 30.5 us, down 17.0 vs 18.8); from
+// 10 on large g128 weights, where the narrow kernel is slow and a 64-token tile beats split-K
+// from M = 10-12. Measured, NOTES.md "GEMM".
+inline int wgmma_default_min_m(int k, int n, bool grouped) {
+  return grouped && large_weight(k, n) ? 10 : 17;
 }
 constexpr int kWgmmaPartialRows = 1024;
 constexpr int kSplitPartialRows = 64;
@@ -49,7 +54,7 @@ inline int64_t workspace_partial_entries(int n) {
 }
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it from M =
-// wgmma_default_min_m on sm_90 (below, the mma.sync kernel's split-K wins).
+// wgmma_default_min_m on sm_90 (below, the narrow or the split-K mma.sync kernel wins).
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int out_dtype, int m, int n,
                      int k, int* ws_partial, int* ws_count, int sms, bool pdl,
@@ -63,11 +68,9 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
 // Whether M <= 16 (below the Hopper kernel) runs the narrow kernel rather than split-K. Measured
 // on the H100 (NOTES.md "GEMM", twelfth session): per-channel, narrow is 22-27% faster on qkv and
 // o and 8% on down at M = 1-4, a tie on gate_up; g128, narrow is 7-22% faster on qkv and o but
-// 10-15% slower on gate_up and down (K * N >= 32M: its 8 warps per CTA decode 8.5x more
-// instructions per weight word, which the split-K kernel's 16 warps per SM hide better).
-inline bool narrow_default(int k, int n, bool grouped) {
-  return !grouped || static_cast<int64_t>(k) * n < (int64_t{32} << 20);
-}
+// 10-15% slower on gate_up and down (large_weight; not profiled yet: the g128 decode issues 8.5x
+// the instructions per weight word, and down's 128 narrow CTAs leave one per SM).
+inline bool narrow_default(int k, int n, bool grouped) { return !grouped || !large_weight(k, n); }
 // Tuning/tests: < 0 the rule above (default), 0 always split-K, > 0 always narrow (M <= 16).
 void set_narrow(int mode);
 
