@@ -17,7 +17,7 @@ constexpr int kNarrowThreads = 256;
 constexpr int kNarrowWarps = kNarrowThreads / 32;
 constexpr int kNarrowBN = 32;   // channels per CTA: 4 n8 tiles
 constexpr int kNarrowBM = 16;   // tokens: one m16 tile
-constexpr int kNarrowStages = 3;
+constexpr int kNarrowStages = 3;  // default ring depth (set_narrow_stages: 2-4 to compare)
 constexpr int kBlockK = 128;    // one warp's k block per stage
 constexpr int kNarrowNT = kNarrowBN / 8;
 // Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
@@ -33,11 +33,13 @@ constexpr int kSlotB = (kBlockK / 32) * kNarrowNT * 32 * 4;
 constexpr int kSlotS = kNarrowBN * 2;
 constexpr int kSlotBytes = kSlotA + kSlotB + kSlotS;
 constexpr int kStageBytes = kNarrowWarps * kSlotBytes;
-constexpr int kNarrowSmem = kNarrowStages * kStageBytes;
-static_assert(kNarrowWarps * kNarrowNT * 4 * 32 * 4 <= kNarrowSmem, "reduction fits the ring");
+static_assert(kNarrowWarps * kNarrowNT * 4 * 32 * 4 <= 2 * kStageBytes, "reduction fits the ring");
+// CTAs per SM for a ring of STAGES (shared memory: 33 KB a stage of 228 KB per SM).
+template <int STAGES>
+constexpr int kNarrowCtasPerSm = STAGES <= 2 ? 3 : (STAGES == 3 ? 2 : 1);
 
-template <typename Out, bool GROUPED>
-__global__ void __launch_bounds__(kNarrowThreads, 2)
+template <typename Out, bool GROUPED, int STAGES>
+__global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
     w4a8_narrow_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                        const uint32_t* __restrict__ b, const float* __restrict__ scale,
                        const half* __restrict__ group, const Out* __restrict__ bias,
@@ -57,7 +59,7 @@ __global__ void __launch_bounds__(kNarrowThreads, 2)
 #pragma unroll
     for (int j = 0; j < kBlocksPerHalf; j++) {
       const int block = half_id * kBlocksPerHalf + j;
-      uint8_t* s = slot(it % kNarrowStages, block);
+      uint8_t* s = slot(it % STAGES, block);
       if (it * kNarrowWarps + block < kblocks) {
         if (activations) {
           copies.activations(s);
@@ -93,7 +95,7 @@ __global__ void __launch_bounds__(kNarrowThreads, 2)
   int acc[kNarrowNT][4] = {};
   // Weights of the first stages before waiting for the kernel that wrote the activations.
 #pragma unroll
-  for (int s = 0; s < kNarrowStages - 1; s++) {
+  for (int s = 0; s < STAGES - 1; s++) {
     if (s < iters) {
       load(s, false);
       skip_other_half(false);
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kNarrowThreads, 2)
   wait_for_prior_grid();
   const float out_ts = out_row < m ? a_scale[out_row] : 0.f;
 #pragma unroll
-  for (int s = 0; s < kNarrowStages - 1; s++) {
+  for (int s = 0; s < STAGES - 1; s++) {
     if (s < iters) {
       load(s, true);
       skip_other_half(true);
@@ -111,18 +113,18 @@ __global__ void __launch_bounds__(kNarrowThreads, 2)
   }
 
   for (int it = 0; it < iters; it++) {
-    cp_async_wait<kNarrowStages - 2>();
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    if (it + kNarrowStages - 1 < iters) {
-      load(it + kNarrowStages - 1, false);
+    if (it + STAGES - 1 < iters) {
+      load(it + STAGES - 1, false);
       skip_other_half(false);
-      load(it + kNarrowStages - 1, true);
+      load(it + STAGES - 1, true);
       skip_other_half(true);
     }
     cp_async_commit();
 
     if (it * kNarrowWarps + warp >= kblocks) continue;  // past K: this warp's block is empty
-    const uint8_t* s = slot(it % kNarrowStages, warp);
+    const uint8_t* s = slot(it % STAGES, warp);
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(s + kSlotA);
     uint32_t s2[kNarrowNT];
     if constexpr (GROUPED) {
@@ -178,16 +180,30 @@ __global__ void __launch_bounds__(kNarrowThreads, 2)
   dst[1] = OutType<Out>::from_float(y1);
 }
 
-template <typename Out, bool GROUPED>
+template <typename Out, bool GROUPED, int STAGES>
 void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k, bool pdl,
                    cudaStream_t stream) {
-  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED>;
-  allow_smem<kernel, kNarrowSmem>();
-  launch_kernel(kernel, dim3(n / kNarrowBN), dim3(kNarrowThreads), kNarrowSmem, stream, pdl,
+  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED, STAGES>;
+  constexpr int smem = STAGES * kStageBytes;
+  allow_smem<kernel, smem>();
+  launch_kernel(kernel, dim3(n / kNarrowBN), dim3(kNarrowThreads), smem, stream, pdl,
                 "w4a8_gemm narrow launch", a, a_scale, b, scale, group,
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k);
 }
+
+template <typename Out, bool GROUPED>
+void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, const uint32_t* b,
+                          const float* scale, const half* group, const void* bias, void* out,
+                          int m, int n, int k, bool pdl, cudaStream_t stream) {
+  switch (stages) {
+    case 2: return launch_narrow<Out, GROUPED, 2>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    case 4: return launch_narrow<Out, GROUPED, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    default: return launch_narrow<Out, GROUPED, kNarrowStages>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+  }
+}
+
+int narrow_stages = 0;  // set_narrow_stages; 0: kNarrowStages
 
 }  // namespace
 
@@ -200,12 +216,15 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
   }
   const bool grouped = group != nullptr;
   if (out_dtype == kFloat16) {
-    (grouped ? launch_narrow<half, true> : launch_narrow<half, false>)(
-        a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    (grouped ? launch_narrow_stages<half, true> : launch_narrow_stages<half, false>)(
+        narrow_stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   } else {
-    (grouped ? launch_narrow<__nv_bfloat16, true> : launch_narrow<__nv_bfloat16, false>)(
-        a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    (grouped ? launch_narrow_stages<__nv_bfloat16, true>
+             : launch_narrow_stages<__nv_bfloat16, false>)(
+        narrow_stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   }
 }
+
+void set_narrow_stages(int stages) { narrow_stages = stages; }
 
 }  // namespace qqq
