@@ -211,9 +211,10 @@ IMPLS = {
     "qqq_channel_narrow": setup_qqq_small_m(1), "qqq_g128_narrow": setup_qqq_small_m(1, 128),
     "qqq_channel_splitk": setup_qqq_small_m(0), "qqq_g128_splitk": setup_qqq_small_m(0, 128),
     "qqq_channel_narrow16": setup_qqq_narrow16(), "qqq_g128_narrow16": setup_qqq_narrow16(128),
-    # The narrow kernel's ring: 2 stages (3 CTAs per SM) or 4 (1 per SM) instead of 3 (2 per SM).
-    **{f"qqq_channel_narrow_s{st}": setup_qqq_switched(
-        lambda c, st=st: c.set_narrow_stages(st), lambda c: c.set_narrow_stages(0)) for st in (2, 4)},
+    # The narrow kernel's ring forced to 2 stages (3 CTAs per SM), 3 (2 per SM), 4 or 6 (1 per SM).
+    **{f"qqq_{name}_narrow_s{st}": setup_qqq_switched(
+        lambda c, st=st: c.set_narrow_stages(st), lambda c: c.set_narrow_stages(0), group)
+       for st in (2, 3, 4, 6) for name, group in (("channel", -1), ("g128", 128))},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

@@ -73,7 +73,7 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
 inline bool narrow_default(int k, int n, bool grouped) { return !grouped || !large_weight(k, n); }
 // Tuning/tests: < 0 the rule above (default), 0 always split-K, > 0 always narrow (M <= 16).
 void set_narrow(int mode);
-// Tuning: the narrow kernel's ring depth, 2-4 stages of 1024 k (0: the default, 3).
+// Tuning: the narrow kernel's ring depth, 2, 3, 4 or 6 stages of 1024 k (0: by the rule).
 void set_narrow_stages(int stages);
 
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.

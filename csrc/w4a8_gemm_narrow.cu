@@ -17,7 +17,12 @@ constexpr int kNarrowThreads = 256;
 constexpr int kNarrowWarps = kNarrowThreads / 32;
 constexpr int kNarrowBN = 32;   // channels per CTA: 4 n8 tiles
 constexpr int kNarrowBM = 16;   // tokens: one m16 tile
-constexpr int kNarrowStages = 3;  // default ring depth (set_narrow_stages: 2-4 to compare)
+// Ring depth: 3 stages (2 CTAs per SM) where the N tiles outnumber the SMs; where they do not
+// (one CTA per SM either way), a deeper ring keeps more bytes in flight. Measured on the H100 at
+// M = 1 / 16 (gemm_h100_narrow.log): down 13.8 / 15.2 us with 4 stages vs 14.5 / 17.5 with 3, o
+// 5.8 / 6.2 vs 5.8 / 6.8; qkv (192 tiles) 9.4 vs 7.2 with 4, as it then runs in 1.5 waves.
+constexpr int kNarrowStages = 3;
+constexpr int kNarrowDeepStages = 4;
 constexpr int kBlockK = 128;    // one warp's k block per stage
 constexpr int kNarrowNT = kNarrowBN / 8;
 // Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
@@ -37,6 +42,7 @@ static_assert(kNarrowWarps * kNarrowNT * 4 * 32 * 4 <= 2 * kStageBytes, "reducti
 // CTAs per SM for a ring of STAGES (shared memory: 33 KB a stage of 228 KB per SM).
 template <int STAGES>
 constexpr int kNarrowCtasPerSm = STAGES <= 2 ? 3 : (STAGES == 3 ? 2 : 1);
+static_assert(6 * kStageBytes + 1024 <= 227 * 1024, "6 stages fit one SM");
 
 template <typename Out, bool GROUPED, int STAGES>
 __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
@@ -199,11 +205,12 @@ void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, con
   switch (stages) {
     case 2: return launch_narrow<Out, GROUPED, 2>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
     case 4: return launch_narrow<Out, GROUPED, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    case 6: return launch_narrow<Out, GROUPED, 6>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
     default: return launch_narrow<Out, GROUPED, kNarrowStages>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   }
 }
 
-int narrow_stages = 0;  // set_narrow_stages; 0: kNarrowStages
+int narrow_stages = 0;  // set_narrow_stages; 0: by the rule above
 
 }  // namespace
 
@@ -215,13 +222,16 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                                 "K % 128 == 0");
   }
   const bool grouped = group != nullptr;
+  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  const int stages = narrow_stages > 0 ? narrow_stages
+                     : n / kNarrowBN <= sms ? kNarrowDeepStages : kNarrowStages;
   if (out_dtype == kFloat16) {
     (grouped ? launch_narrow_stages<half, true> : launch_narrow_stages<half, false>)(
-        narrow_stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+        stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   } else {
     (grouped ? launch_narrow_stages<__nv_bfloat16, true>
              : launch_narrow_stages<__nv_bfloat16, false>)(
-        narrow_stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+        stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   }
 }
 
