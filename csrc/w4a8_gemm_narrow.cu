@@ -18,11 +18,13 @@ constexpr int kNarrowWarps = kNarrowThreads / 32;
 constexpr int kNarrowBN = 32;   // channels per CTA: 4 n8 tiles
 constexpr int kNarrowBM = 16;   // tokens: one m16 tile
 // Ring depth: 3 stages (2 CTAs per SM) where the N tiles outnumber the SMs; where they do not
-// (one CTA per SM either way), a deeper ring keeps more bytes in flight. Measured on the H100 at
-// M = 1 / 16 (gemm_h100_narrow.log): down 13.8 / 15.2 us with 4 stages vs 14.5 / 17.5 with 3, o
-// 5.8 / 6.2 vs 5.8 / 6.8; qkv (192 tiles) 9.4 vs 7.2 with 4, as it then runs in 1.5 waves.
+// (one CTA per SM either way), a deeper ring keeps more bytes in flight: 4 stages up to K = 4096
+// (all of it), 6 above. Measured on the H100 at M = 1 / 16 (gemm_h100_narrow.log): o 5.8 / 6.2 us
+// with 4 stages vs 5.8 / 6.8 with 3 and 6.2 / 6.5 with 6; down 13.1 / 14.7 with 6 vs 13.8 / 15.2
+// with 4 and 14.5 / 17.5 with 3; qkv (192 tiles) 7.2 / 8.0 with 3 vs 9.4 / 10.2 with 4 (1.5 waves).
 constexpr int kNarrowStages = 3;
 constexpr int kNarrowDeepStages = 4;
+constexpr int kNarrowDeeperStages = 6;
 constexpr int kBlockK = 128;    // one warp's k block per stage
 constexpr int kNarrowNT = kNarrowBN / 8;
 // Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
@@ -202,12 +204,11 @@ template <typename Out, bool GROUPED>
 void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, const uint32_t* b,
                           const float* scale, const half* group, const void* bias, void* out,
                           int m, int n, int k, bool pdl, cudaStream_t stream) {
-  switch (stages) {
-    case 2: return launch_narrow<Out, GROUPED, 2>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
-    case 4: return launch_narrow<Out, GROUPED, 4>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
-    case 6: return launch_narrow<Out, GROUPED, 6>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
-    default: return launch_narrow<Out, GROUPED, kNarrowStages>(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
-  }
+  const auto launch = stages == 2   ? launch_narrow<Out, GROUPED, 2>
+                      : stages == 4 ? launch_narrow<Out, GROUPED, kNarrowDeepStages>
+                      : stages == 6 ? launch_narrow<Out, GROUPED, kNarrowDeeperStages>
+                                    : launch_narrow<Out, GROUPED, kNarrowStages>;
+  launch(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
 int narrow_stages = 0;  // set_narrow_stages; 0: by the rule above
@@ -223,8 +224,10 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
   }
   const bool grouped = group != nullptr;
   static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  const int stages = narrow_stages > 0 ? narrow_stages
-                     : n / kNarrowBN <= sms ? kNarrowDeepStages : kNarrowStages;
+  const int stages = narrow_stages > 0       ? narrow_stages
+                     : n / kNarrowBN > sms   ? kNarrowStages
+                     : k <= 4096             ? kNarrowDeepStages
+                                             : kNarrowDeeperStages;
   if (out_dtype == kFloat16) {
     (grouped ? launch_narrow_stages<half, true> : launch_narrow_stages<half, false>)(
         stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);

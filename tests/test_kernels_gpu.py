@@ -131,6 +131,23 @@ def test_small_m_kernels_either_way_match_reference(mode, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+def test_narrow_ring_depths_match_reference(stages, g):
+    """Each ring depth of the narrow kernel forced (the rule picks 3, 4 or 6 by shape; 2 is a
+    tuning option): K shorter and longer than the ring, partial last stages."""
+    from vllm_qqq import _C
+    _C.set_narrow(1)
+    _C.set_narrow_stages(stages)
+    try:
+        for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("small_partial_n", 1),
+                         ("wide_partial_n", 9)):
+            check_gemm(shape, m, g)
+    finally:
+        _C.set_narrow(-1)
+        _C.set_narrow_stages(0)
+
+
+@pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("early", [True, False])
 def test_quant_launch_either_way_matches_reference(early, g):
     """The quantization kernel launched early after the previous kernel (the default; it waits
