@@ -32,6 +32,33 @@ struct OutType<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
+// The bias of channels col and col + 1 as floats (zeros without a bias).
+template <typename Out>
+__device__ __forceinline__ float2 bias_pair(const Out* bias, int col) {
+  float2 pair = make_float2(0.f, 0.f);
+  if (bias != nullptr) {
+    pair = make_float2(OutType<Out>::to_float(bias[col]), OutType<Out>::to_float(bias[col + 1]));
+  }
+  return pair;
+}
+
+// The reference's epilogue for two adjacent outputs of one row: y = (float(acc) * a_scale[row]) *
+// scale[col] (+ bias[col]), each step rounded in fp32 (no contraction), then stored.
+template <typename Out>
+__device__ __forceinline__ void store_scaled_pair(Out* out, int n, int row, int col, int v0,
+                                                  int v1, float ts, float2 sc, float2 bs,
+                                                  bool has_bias) {
+  float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), sc.x);
+  float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), sc.y);
+  if (has_bias) {
+    y0 = __fadd_rn(y0, bs.x);
+    y1 = __fadd_rn(y1, bs.y);
+  }
+  Out* dst = out + static_cast<size_t>(row) * n + col;
+  dst[0] = OutType<Out>::from_float(y0);
+  dst[1] = OutType<Out>::from_float(y1);
+}
+
 // Two 16-bit values in one register, the first in the low half (an mma fragment's pair).
 template <typename Out>
 __device__ __forceinline__ uint32_t pack_pair(Out lo, Out hi) {

@@ -100,21 +100,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Epilogue: y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction. Its
   // scales and bias are loaded well before the sums are ready (below), so that the kernel's end
   // waits for the sums alone: loaded after them, they had cost one more L2 round trip per call.
-  auto bias_pair = [&](int col) {
-    return bias == nullptr ? make_float2(0.f, 0.f)
-                           : make_float2(OutType<Out>::to_float(bias[col]),
-                                         OutType<Out>::to_float(bias[col + 1]));
-  };
   auto finish = [&](int row, int col, int v0, int v1, float ts, float2 sc, float2 bs) {
-    float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), ts), sc.x);
-    float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), ts), sc.y);
-    if (bias != nullptr) {
-      y0 = __fadd_rn(y0, bs.x);
-      y1 = __fadd_rn(y1, bs.y);
-    }
-    Out* dst = out + static_cast<size_t>(row) * n + col;
-    dst[0] = OutType<Out>::from_float(y0);
-    dst[1] = OutType<Out>::from_float(y1);
+    store_scaled_pair(out, n, row, col, v0, v1, ts, sc, bs, bias != nullptr);
   };
 
   // Without split-K each thread writes its fragments' rows and columns. Their operands are
@@ -134,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int j = 0; j < NT; j++) {
       const int col = n0 + (wn * NT + j) * 8 + (lane % 4) * 2;
       frag_sc[j] = col < n ? *reinterpret_cast<const float2*>(scale + col) : make_float2(0.f, 0.f);
-      frag_bs[j] = col < n ? bias_pair(col) : make_float2(0.f, 0.f);
+      frag_bs[j] = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
     }
   };
   constexpr bool kOperandsFirst = MT == 1;
@@ -219,8 +206,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   auto load_sum_operands = [&] {  // before the handshake in the small-M tile, as above
     if (col_ok) {
       sum_sc = *reinterpret_cast<const float4*>(scale + n0 + c);
-      sum_bs[0] = bias_pair(n0 + c);
-      sum_bs[1] = bias_pair(n0 + c + 2);
+      sum_bs[0] = bias_pair(bias, n0 + c);
+      sum_bs[1] = bias_pair(bias, n0 + c + 2);
     }
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; i++) {

@@ -94,11 +94,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
   const int out_row = lane / 4 + out_h * 8;
   const int out_col = n0 + out_j * 8 + (lane % 4) * 2;
   float2 out_sc = *reinterpret_cast<const float2*>(scale + out_col);
-  float2 out_bs = make_float2(0.f, 0.f);
-  if (bias != nullptr) {
-    out_bs = make_float2(OutType<Out>::to_float(bias[out_col]),
-                         OutType<Out>::to_float(bias[out_col + 1]));
-  }
+  const float2 out_bs = bias_pair(bias, out_col);
 
   int acc[kNarrowNT][4] = {};
   // Weights of the first stages before waiting for the kernel that wrote the activations.
@@ -176,16 +172,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
     v1 += red[((w * kNarrowNT + out_j) * 4 + 2 * out_h + 1) * 32 + lane];
   }
   if (out_row >= m) return;
-  // y = (float(acc) * a_scale[row]) * scale[col] (+ bias[col]), no contraction (the reference's).
-  float y0 = __fmul_rn(__fmul_rn(__int2float_rn(v0), out_ts), out_sc.x);
-  float y1 = __fmul_rn(__fmul_rn(__int2float_rn(v1), out_ts), out_sc.y);
-  if (bias != nullptr) {
-    y0 = __fadd_rn(y0, out_bs.x);
-    y1 = __fadd_rn(y1, out_bs.y);
-  }
-  Out* dst = out + static_cast<size_t>(out_row) * n + out_col;
-  dst[0] = OutType<Out>::from_float(y0);
-  dst[1] = OutType<Out>::from_float(y1);
+  store_scaled_pair(out, n, out_row, out_col, v0, v1, out_ts, out_sc, out_bs, bias != nullptr);
 }
 
 template <typename Out, bool GROUPED, int STAGES>
