@@ -3,7 +3,8 @@
 // call, a handshake through L2 (partial tiles stored, fence, counter, partials loaded back);
 // here the 8 warps of a CTA each take one 128-deep block of every 1024-deep stage and add their
 // partial tiles in shared memory. N / 32 CTAs (qkv 192, o and down 128 on the Llama-3-8B
-// shapes) each stream their 32 channels over all of K.
+// shapes) each stream their 32 channels over all of K. Which M <= 16 calls come here:
+// narrow_default (kernels.h).
 #include "common.cuh"
 #include "decode.cuh"
 #include "kernels.h"
@@ -30,8 +31,6 @@ constexpr int kNarrowNT = kNarrowBN / 8;
 // Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
 constexpr int kCopyThreads = 128;
 constexpr int kBlocksPerHalf = kNarrowWarps / 2;
-using NarrowCopies = StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, false>;
-using NarrowGroupCopies = StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, true>;
 
 // One k block's slot: activations [16 rows][128 bytes] (swizzled), weights [4 k32][4 n8][32
 // words], the block's group scales [32 channels].
