@@ -13,8 +13,8 @@ from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-# 9/10 and 16/17: the mma.sync / wgmma boundaries (large / small weights); 33, 64, 65, 128, 200,
-# 257: the wgmma kernel's token tiles (64, 128, 256) full and partial.
+# 9/10 and 16/17: the small-M / wgmma boundaries (g128 on large weights / the rest); 33, 64, 65,
+# 128, 200, 257: the wgmma kernel's token tiles (64, 128, 256) full and partial.
 M_ALL = [1, 2, 7, 9, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
 WGMMA_TILES = [(64, 6, True), (64, 8, True), (128, 4, False), (128, 6, True), (256, 4, True)]
