@@ -61,10 +61,11 @@ void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      cudaStream_t stream);
 
 // The same product for M <= 16 without split-K (w4a8_gemm_narrow.cu): 32-channel tiles, K split
-// over the warps of a CTA. N % 32 == 0, K % 128 == 0.
+// over the warps of a CTA. N % 32 == 0, K % 128 == 0; sms: the GPU's SM count (ring depth).
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                       const float* scale, const half* group, const void* bias, void* out,
-                      int out_dtype, int m, int n, int k, bool pdl, cudaStream_t stream);
+                      int out_dtype, int m, int n, int k, int sms, bool pdl,
+                      cudaStream_t stream);
 // Whether M <= 16 (below the Hopper kernel) runs the narrow kernel rather than split-K. Measured
 // on the H100 (NOTES.md "GEMM", twelfth session): per-channel, narrow is 22-27% faster on qkv and
 // o and 8% on down at M = 1-4, a tie on gate_up; g128, narrow is 7-22% faster on qkv and o but

@@ -374,14 +374,14 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                prefetch_weights && pdl_allowed && pdl_supported(), stream};
   const int min_m = wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, group != nullptr);
+  static const int sms = sm_count();
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
-    static const int sms = sm_count();
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
                     c.ws_partial, c.ws_count, sms, c.pdl, stream);
   } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, c.group != nullptr)
                                           : narrow_mode > 0)) {
     w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
-                     c.pdl, stream);
+                     sms, c.pdl, stream);
   } else if (out_dtype == kFloat16) {
     dispatch<half>(c);
   } else {

@@ -62,7 +62,9 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
   const int half_id = tid / kCopyThreads;
   StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, GROUPED> copies(
       a, b, group, m, n, k, 0, n0, half_id * kBlocksPerHalf, tid % kCopyThreads);
-  auto load = [&](int it, bool activations) {  // stage `it` into its ring slot
+  // Stage `it`'s k blocks of this half into its ring slot. The copies advance one k block per
+  // copy; past the stage's 4 they skip the other half's.
+  auto load = [&](int it, bool activations) {
 #pragma unroll
     for (int j = 0; j < kBlocksPerHalf; j++) {
       const int block = half_id * kBlocksPerHalf + j;
@@ -76,9 +78,6 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
         }
       }
     }
-  };
-  // The copies advance one k block per call; past each stage's 4 they skip the other half's.
-  auto skip_other_half = [&](bool activations) {
     if (activations) {
       copies.a_src += kBlocksPerHalf * kBlockK;
     } else {
@@ -92,26 +91,20 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
   const int out_j = tid / 64, out_h = (tid / 32) % 2;
   const int out_row = lane / 4 + out_h * 8;
   const int out_col = n0 + out_j * 8 + (lane % 4) * 2;
-  float2 out_sc = *reinterpret_cast<const float2*>(scale + out_col);
+  const float2 out_sc = *reinterpret_cast<const float2*>(scale + out_col);
   const float2 out_bs = bias_pair(bias, out_col);
 
   int acc[kNarrowNT][4] = {};
   // Weights of the first stages before waiting for the kernel that wrote the activations.
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
-    if (s < iters) {
-      load(s, false);
-      skip_other_half(false);
-    }
+    if (s < iters) load(s, false);
   }
   wait_for_prior_grid();
   const float out_ts = out_row < m ? a_scale[out_row] : 0.f;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
-    if (s < iters) {
-      load(s, true);
-      skip_other_half(true);
-    }
+    if (s < iters) load(s, true);
     cp_async_commit();
   }
 
@@ -120,9 +113,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
     __syncthreads();
     if (it + STAGES - 1 < iters) {
       load(it + STAGES - 1, false);
-      skip_other_half(false);
       load(it + STAGES - 1, true);
-      skip_other_half(true);
     }
     cp_async_commit();
 
@@ -203,13 +194,13 @@ int narrow_stages = 0;  // set_narrow_stages; 0: by the rule above
 
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                       const float* scale, const half* group, const void* bias, void* out,
-                      int out_dtype, int m, int n, int k, bool pdl, cudaStream_t stream) {
+                      int out_dtype, int m, int n, int k, int sms, bool pdl,
+                      cudaStream_t stream) {
   if (m > kNarrowBM || n % kNarrowBN || k % kBlockK) {
     throw std::invalid_argument("vllm_qqq: the narrow W4A8 kernel takes M <= 16, N % 32 == 0, "
                                 "K % 128 == 0");
   }
   const bool grouped = group != nullptr;
-  static const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const int stages = narrow_stages > 0       ? narrow_stages
                      : n / kNarrowBN > sms   ? kNarrowStages
                      : k <= 4096             ? kNarrowDeepStages
