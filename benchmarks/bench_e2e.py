@@ -177,6 +177,23 @@ def _convert(fp16: Path, out: Path, convert, quant_config):
     tmp.rename(out)
 
 
+# A checkpoint's run with settings changed: suffixes of its format, any of them, in any order.
+VARIANTS = {
+    "_kernel_quant": {"VLLM_QQQ_COMPILED_QUANT": "0"},  # our quantization kernel (vllm_qqq.ops)
+    "_pdl": {"TORCHINDUCTOR_ENABLE_PDL": "1"},  # Inductor's kernels as programmatic launches
+}
+
+
+def split_variants(fmt: str) -> tuple[str, dict[str, str]]:
+    """"qqq_channel_kernel_quant_pdl" -> ("qqq_channel", the two variants' settings)."""
+    env = {}
+    while any(fmt.endswith(suffix) for suffix in VARIANTS):
+        suffix = next(s for s in VARIANTS if fmt.endswith(s))
+        fmt = fmt.removesuffix(suffix)
+        env.update(VARIANTS[suffix])
+    return fmt, env
+
+
 def run_format(model: str, quantization: str | None, batches, eager: bool,
                capture_sizes: list[int] | None, repeats: int) -> dict:
     """In a child process: throughput and decode latency for one checkpoint."""
@@ -269,10 +286,8 @@ def main():
     import torch
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    # "<qqq format>_kernel_quant": that checkpoint with VLLM_QQQ_COMPILED_QUANT=0 (vllm_qqq.ops).
-    variant = "_kernel_quant"
     models = make_models(args.workdir, args.layers,
-                         sorted({f.removesuffix(variant) for f in args.formats.split(",")}))
+                         sorted({split_variants(f)[0] for f in args.formats.split(",")}))
     if args.prepare_only:
         print("\n".join(f"{name}: {path}" for name, path in models.items() if path.exists()))
         return
@@ -293,10 +308,9 @@ def main():
     report["commands"].append(" ".join(sys.argv))
     for fmt in formats:
         quant = "qqq" if fmt.startswith("qqq") else "none"  # the others: from config.json
-        env = dict(os.environ)
-        if fmt.endswith(variant):
-            env["VLLM_QQQ_COMPILED_QUANT"] = "0"
-        cmd = [sys.executable, __file__, "--child", str(models[fmt.removesuffix(variant)]), quant,
+        base, settings = split_variants(fmt)
+        env = {**os.environ, **settings}
+        cmd = [sys.executable, __file__, "--child", str(models[base]), quant,
                "--batches", args.batches, "--capture-sizes", args.capture_sizes,
                "--repeats", str(args.repeats)] + (
                    ["--eager"] if args.eager else [])

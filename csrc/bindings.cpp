@@ -16,12 +16,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "QQQ W4A8 CUDA kernels";
   m.def(
       "quant_per_token",
-      [](uintptr_t x, int dtype, int rows, int k, uintptr_t q, uintptr_t scale, uintptr_t stream) {
+      [](uintptr_t x, int dtype, int rows, int k, uintptr_t q, uintptr_t scale, bool gemm_follows,
+         uintptr_t stream) {
         qqq::quant_per_token(ptr<const void>(x), dtype, rows, k, ptr<int8_t>(q), ptr<float>(scale),
-                             reinterpret_cast<cudaStream_t>(stream));
+                             gemm_follows, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("q"), py::arg("scale"),
-      py::arg("stream"));
+      py::arg("gemm_follows"), py::arg("stream"));
   m.def(
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,

@@ -113,6 +113,14 @@ __device__ __forceinline__ void allow_dependent_grid() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
+// The GEMMs' wait: after it, the kernel that follows may launch (it is placed on the SMs while
+// this grid runs and waits for its end before it reads this grid's output). Never before the
+// wait: a dependent that waits for this grid alone (Inductor's PDL kernels) may read what the
+// grids before it wrote, so this grid may let it go only once those are complete.
+__device__ __forceinline__ void wait_for_prior_grid_then_allow_dependents() {
+  wait_for_prior_grid();
+  allow_dependent_grid();
+}
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
 // `programmatic` (sm_90+): the kernel may begin before the previous kernel in the stream has

@@ -12,8 +12,12 @@ namespace qqq {
 constexpr int kFloat16 = 0;
 constexpr int kBFloat16 = 1;
 
+// gemm_follows: the next kernel in the stream is w4a8_gemm, which waits for this one before it
+// reads anything but its weights; the quantization then lets it launch at once (before its own
+// wait for the kernel that wrote x), so that the GEMM prefetches its weights meanwhile.
+// Otherwise it lets the next kernel launch only after that wait (common.cuh).
 void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* scale,
-                     cudaStream_t stream);
+                     bool gemm_follows, cudaStream_t stream);
 
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16

@@ -63,9 +63,12 @@ template <typename T, int kVecs>
 __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T* __restrict__ x,
                                                                         int k,
                                                                         int8_t* __restrict__ q,
-                                                                        float* __restrict__ scale) {
-  allow_dependent_grid();  // the GEMM may start its weight prefetch now (common.cuh)
-  wait_for_prior_grid();   // launched early itself (set_quant_pdl): x is written by then
+                                                                        float* __restrict__ scale,
+                                                                        bool gemm_follows) {
+  // Launched early itself (set_quant_pdl), it waits for the kernel that wrote x. The GEMM after
+  // it may start its weight prefetch at once (kernels.h); any other kernel only after the wait.
+  if (gemm_follows) allow_dependent_grid();
+  wait_for_prior_grid_then_allow_dependents();
   const size_t row = blockIdx.x;
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
   uint2* qr = reinterpret_cast<uint2*>(q + row * k);
@@ -98,12 +101,12 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
 
 // The kernel for rows of `vecs` 16-byte vectors: the smallest register variant that holds them.
 template <typename T>
-static void launch_quant(const T* x, int m, int k, int8_t* q, float* scale, bool pdl,
-                         cudaStream_t stream) {
+static void launch_quant(const T* x, int m, int k, int8_t* q, float* scale, bool gemm_follows,
+                         bool pdl, cudaStream_t stream) {
   const int per_thread = (k / 8 + kQuantThreads - 1) / kQuantThreads;
   auto go = [&](auto kernel) {
     launch_kernel(kernel, dim3(m), dim3(kQuantThreads), 0, stream, pdl, "quant_per_token launch",
-                  x, k, q, scale);
+                  x, k, q, scale, gemm_follows);
   };
   if (per_thread <= 1) {
     go(quant_per_token_kernel<T, 1>);
@@ -119,7 +122,7 @@ static void launch_quant(const T* x, int m, int k, int8_t* q, float* scale, bool
 }
 
 void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* scale,
-                     cudaStream_t stream) {
+                     bool gemm_follows, cudaStream_t stream) {
   if (k % 8 != 0) throw std::invalid_argument("vllm_qqq: quant_per_token needs K % 8 == 0");
   if (reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(q) % 8) {
     throw std::invalid_argument("vllm_qqq: quant_per_token needs 16-byte aligned rows");
@@ -127,9 +130,9 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
   if (m == 0) return;
   const bool pdl = quant_pdl && pdl_supported();
   if (dtype == kFloat16) {
-    launch_quant(static_cast<const half*>(x), m, k, q, scale, pdl, stream);
+    launch_quant(static_cast<const half*>(x), m, k, q, scale, gemm_follows, pdl, stream);
   } else if (dtype == kBFloat16) {
-    launch_quant(static_cast<const __nv_bfloat16*>(x), m, k, q, scale, pdl, stream);
+    launch_quant(static_cast<const __nv_bfloat16*>(x), m, k, q, scale, gemm_follows, pdl, stream);
   } else {
     throw std::invalid_argument("vllm_qqq: quant_per_token takes fp16 or bf16");
   }

@@ -62,7 +62,7 @@ def test_quant_kernel_bit_identical(m, k, dtype):
     s = torch.full((m, 1), float("nan"), device="cuda")
     from vllm_qqq import _C
     _C.quant_per_token(x.data_ptr(), ops._DTYPE_CODE[dtype], m, k, q.data_ptr(), s.data_ptr(),
-                       torch.cuda.current_stream().cuda_stream)
+                       True, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     q_ref, s_ref = quantize_per_token(x.cpu())
     assert torch.equal(s.cpu(), s_ref)
@@ -226,6 +226,102 @@ def test_cuda_graph_and_compile(monkeypatch):
             bound = (s_x / 2) @ w.abs().sum(0, keepdim=True) + exact.abs() * 2**-8
             assert ((y.double() - exact).abs() <= bound).all()
             assert (y.double() - ref.double()).abs().mean() <= 0.01 * ref.double().abs().mean()
+
+
+def chain_layers(k, count):
+    """Square layers alternating per-channel and g128, their outputs scaled to the input's size
+    (the channel scales / sqrt(K)) so that a chain of them stays finite in fp16."""
+    layers = [make_layer(k, k, g, seed=i) for i, g in zip(range(count), (-1, 128) * count)]
+    for t in layers:
+        t["qqq_scale"] /= k**0.5
+    return layers
+
+
+@pytest.mark.parametrize("m", [1, 16, 200])  # the narrow kernel, its ring full; the Hopper kernel
+def test_chained_linears_in_a_graph_wait_for_each_other(m):
+    """Linears fed by the one before, back to back in a CUDA graph. Each GEMM lets the kernel
+    after it launch once its own wait is over, so the next quantization starts beside it and
+    must still read its finished output: each layer bit-identical to the reference on its input,
+    every output poisoned before each replay."""
+    k = 4096
+    layers = chain_layers(k, 4)
+    ws = ops.workspace("cuda", k)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+
+    def chain():
+        ys = [x]
+        for t in layers:
+            ys.append(torch.ops.qqq.linear(ys[-1], t["qqq_b"], t["qqq_scale"], t["qqq_group"],
+                                           ws, None))
+        return ys
+
+    chain()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = chain()
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device="cuda", dtype=torch.float16))
+        for y in ys[1:]:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, t in enumerate(layers):
+            assert torch.isfinite(ys[i + 1]).all()
+            assert torch.equal(ys[i + 1], reference(ys[i], t, None)[0]), f"layer {i}"
+
+
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_inductor_pdl_kernels_around_the_linears(m, monkeypatch):
+    """torch.compile with Inductor's programmatic launches on (its kernels start early and wait
+    only for the kernel just before them): add + RMSNorm kernels around two linears, in a CUDA
+    graph. The norm after a GEMM reads the GEMM's output and the sum from two kernels before;
+    both must be complete when it reads them."""
+    monkeypatch.setenv("VLLM_QQQ_COMPILED_QUANT", "0")  # the linears bit-identical to eager
+    k = 4096
+    layers = chain_layers(k, 2)
+    ws = ops.workspace("cuda", k)
+    norm_w = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
+
+    def rms_norm(v):
+        v32 = v.float()
+        return (v32 * torch.rsqrt(v32.pow(2).mean(-1, keepdim=True) + 1e-6)).half() * norm_w
+
+    def f(x, r):
+        s1 = x + r
+        h1 = rms_norm(s1)
+        y1 = ops.w4a8_linear(h1, layers[0]["qqq_b"], layers[0]["qqq_scale"],
+                             layers[0]["qqq_group"], ws)
+        s2 = y1 + s1
+        h2 = rms_norm(s2)
+        y2 = ops.w4a8_linear(h2, layers[1]["qqq_b"], layers[1]["qqq_scale"],
+                             layers[1]["qqq_group"], ws)
+        return s1, h1, y1, s2, h2, y2
+
+    torch._dynamo.reset()
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        compiled = torch.compile(f, fullgraph=True)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        r = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        compiled(x, r)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = compiled(x, r)
+    for _ in range(3):
+        x.copy_(torch.randn(m, k, device="cuda", dtype=torch.float16))
+        r.copy_(torch.randn(m, k, device="cuda", dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        s1, h1, y1, s2, h2, y2 = outs
+        assert torch.equal(s1, x + r)
+        assert torch.equal(y1, reference(h1, layers[0], None)[0])
+        assert torch.equal(s2, y1 + s1)  # y1 of this replay, s1 of this replay
+        # Inductor's norm keeps fp32 where eager rounds: within a few fp16 ulps of eager's.
+        torch.testing.assert_close(h2, rms_norm(s2), rtol=2e-3, atol=2e-3)
+        assert torch.equal(y2, reference(h2, layers[1], None)[0])
+    torch._dynamo.reset()
 
 
 def test_wgmma_kernel_is_used_on_hopper():

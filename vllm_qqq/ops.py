@@ -157,6 +157,12 @@ def _stream(t: torch.Tensor) -> int:
 @torch.library.custom_op("qqq::quant_per_token", mutates_args=(), device_types=("cpu", "cuda"))
 def quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp16/bf16 [M, K] -> (int8 [M, K], float32 [M, 1]), as reference.quantize_per_token."""
+    return _quant(x, gemm_follows=False)
+
+
+def _quant(x, gemm_follows):
+    """gemm_follows: the next kernel on the stream is our GEMM, which may then launch early
+    (csrc/kernels.h)."""
     if x.dtype not in _DTYPE_CODE or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"qqq.quant_per_token needs a contiguous 2-D fp16/bf16 tensor, got "
                          f"{x.dtype} {list(x.shape)} contiguous={x.is_contiguous()}")
@@ -167,7 +173,7 @@ def quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         _C.quant_per_token(x.data_ptr(), _DTYPE_CODE[x.dtype], m, k, q.data_ptr(), s.data_ptr(),
-                           _stream(x))
+                           gemm_follows, _stream(x))
     return q, s
 
 
@@ -199,7 +205,7 @@ def linear(x: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group: torch.T
     """x [M, K] fp16/bf16 -> x @ W in x's dtype: quant_per_token, then gemm, launched back to back
     in one op so that (on sm_90+) the GEMM may start while the quantization finishes and
     prefetch its weights (programmatic dependent launch; csrc/kernels.h, prefetch_weights)."""
-    a, a_scale = quant_per_token(x)
+    a, a_scale = _quant(x, gemm_follows=True)
     return _gemm(a, a_scale, b, scale, group, workspace, bias, x.dtype, prefetch_weights=True)
 
 
