@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int s = 0; s < kStages - 1; s++) {
     if (s < iters) load_b(s);  // joins the first cp.async group
   }
-  wait_for_prior_grid_then_allow_dependents();
+  wait_for_prior_grid();
 #pragma unroll
   for (int s = 0; s < kStages - 1; s++) {
     if (s < iters) load_a(s);

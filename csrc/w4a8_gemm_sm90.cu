@@ -372,7 +372,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
       return;  // the math warps alone run the epilogue (named barriers 1-3)
     }
     if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<true, 232>();
-    wait_for_prior_grid_then_allow_dependents();  // before reading a_scale and the workspace
+    wait_for_prior_grid();  // before reading a_scale and the workspace
     int j = 0;
     for_each_tile([&](int t, int n0, int m0) {
       if (j > 0) sync_math();  // the last tile's epilogue is done with the scales
@@ -408,7 +408,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
       for (int s = 0; s < kStages - 2; s++) {
         if (s < iters) load_w(s);
       }
-      wait_for_prior_grid_then_allow_dependents();
+      wait_for_prior_grid();
       read_scales(m0, n0);  // joins the first stage's copies
 #pragma unroll
       for (int s = 0; s < kStages - 2; s++) {

@@ -239,10 +239,9 @@ def chain_layers(k, count):
 
 @pytest.mark.parametrize("m", [1, 16, 200])  # the narrow kernel, its ring full; the Hopper kernel
 def test_chained_linears_in_a_graph_wait_for_each_other(m):
-    """Linears fed by the one before, back to back in a CUDA graph. Each GEMM lets the kernel
-    after it launch once its own wait is over, so the next quantization starts beside it and
-    must still read its finished output: each layer bit-identical to the reference on its input,
-    every output poisoned before each replay."""
+    """Linears fed by the one before, back to back in a CUDA graph, every kernel a programmatic
+    launch (each GEMM starts while its quantization runs): each layer bit-identical to the
+    reference on its input, every output poisoned before each replay."""
     k = 4096
     layers = chain_layers(k, 4)
     ws = ops.workspace("cuda", k)
