@@ -162,3 +162,22 @@ def test_compiled_quant_setting_keys_vllms_compile_cache(monkeypatch):
     monkeypatch.setenv("VLLM_QQQ_COMPILED_QUANT", "0")
     assert hash_factors(envs.compile_factors()) != on
     envs.validate_environ(hard_fail=True)
+
+
+@pytest.mark.parametrize("env,expected", [({}, True), ({"VLLM_QQQ_INDUCTOR_PDL": "0"}, False),
+                                          ({"TORCHINDUCTOR_ENABLE_PDL": "0"}, False)])
+def test_quantized_linears_turn_on_inductor_pdl(monkeypatch, env, expected):
+    """Building a QQQ linear turns on Inductor's programmatic launches, unless the plugin's
+    setting says not to or the user set Inductor's own variable."""
+    import torch._inductor.config as inductor_config
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_qqq.config import QQQConfig
+
+    for name in ("VLLM_QQQ_INDUCTOR_PDL", "TORCHINDUCTOR_ENABLE_PDL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with inductor_config.patch({"triton.enable_pdl": False}):
+        assert QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x") is not None
+        assert inductor_config.triton.enable_pdl is expected

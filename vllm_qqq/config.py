@@ -1,12 +1,28 @@
 """QQQConfig: vLLM's view of a QQQ checkpoint's `quantization_config`."""
 
+import os
 from typing import Any
 
 import torch
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from vllm_qqq import setting
 from vllm_qqq.format import GROUP_SIZES, FormatError
+
+
+def enable_inductor_pdl() -> None:
+    """Inductor's kernels as programmatic dependent launches (on sm_90+; Inductor checks): the
+    GEMM after vLLM's norm or SiLU-and-mul kernel, into which Inductor fuses the quantization,
+    then starts while that kernel runs and prefetches its weights. On the H100, batch-1 decode
+    3.26 -> 2.99 ms per token; FP16 unchanged (benchmarks/results/NOTES.md, "End to end"). It is
+    Inductor's process-wide setting, read when vLLM compiles the model (and part of vLLM's compile
+    cache key). Left alone with VLLM_QQQ_INDUCTOR_PDL=0 or where TORCHINDUCTOR_ENABLE_PDL is set."""
+    if setting("VLLM_QQQ_INDUCTOR_PDL") == "0" or "TORCHINDUCTOR_ENABLE_PDL" in os.environ:
+        return
+    import torch._inductor.config as inductor_config
+
+    inductor_config.triton.enable_pdl = True
 
 
 class QQQConfig(QuantizationConfig):
@@ -54,5 +70,6 @@ class QQQConfig(QuantizationConfig):
         # Only linear layers are quantized; embeddings and lm_head stay in the model dtype.
         if isinstance(layer, LinearBase):
             from vllm_qqq.linear_method import QQQLinearMethod
+            enable_inductor_pdl()  # here: in the process that builds and compiles the model
             return QQQLinearMethod(self)
         return None
