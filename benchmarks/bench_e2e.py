@@ -181,6 +181,7 @@ def _convert(fp16: Path, out: Path, convert, quant_config):
 VARIANTS = {
     "_kernel_quant": {"VLLM_QQQ_COMPILED_QUANT": "0"},  # our quantization kernel (vllm_qqq.ops)
     "_pdl": {"TORCHINDUCTOR_ENABLE_PDL": "1"},  # Inductor's kernels as programmatic launches
+    "_plain_inductor": {"VLLM_QQQ_INDUCTOR_PDL": "0"},  # the plugin leaves Inductor's default
 }
 
 
