@@ -14,8 +14,8 @@ from vllm_qqq.format import GROUP_SIZES, FormatError
 def enable_inductor_pdl() -> None:
     """Inductor's kernels as programmatic dependent launches (on sm_90+; Inductor checks): the
     GEMM after vLLM's norm or SiLU-and-mul kernel, into which Inductor fuses the quantization,
-    then starts while that kernel runs and prefetches its weights. On the H100, batch-1 decode
-    3.26 -> 2.99 ms per token; FP16 unchanged (benchmarks/results/NOTES.md, "End to end"). It is
+    then starts while that kernel runs and prefetches its weights. On the H100, batch-1 decode 4-8%
+    faster per token; FP16 unchanged by it (benchmarks/results/NOTES.md, "End to end"). It is
     Inductor's process-wide setting, read when vLLM compiles the model (and part of vLLM's compile
     cache key). Left alone with VLLM_QQQ_INDUCTOR_PDL=0 or where TORCHINDUCTOR_ENABLE_PDL is set."""
     if setting("VLLM_QQQ_INDUCTOR_PDL") == "0" or "TORCHINDUCTOR_ENABLE_PDL" in os.environ:
