@@ -188,8 +188,7 @@ VARIANTS = {
 def split_variants(fmt: str) -> tuple[str, dict[str, str]]:
     """"qqq_channel_kernel_quant_pdl" -> ("qqq_channel", the two variants' settings)."""
     env = {}
-    while any(fmt.endswith(suffix) for suffix in VARIANTS):
-        suffix = next(s for s in VARIANTS if fmt.endswith(s))
+    while suffix := next((s for s in VARIANTS if fmt.endswith(s)), None):
         fmt = fmt.removesuffix(suffix)
         env.update(VARIANTS[suffix])
     return fmt, env
