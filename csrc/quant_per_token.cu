@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
   // Launched early itself (set_quant_pdl), it waits for the kernel that wrote x. The GEMM after
   // it may start its weight prefetch at once (kernels.h); any other kernel only after the wait.
   if (gemm_follows) allow_dependent_grid();
-  wait_for_prior_grid_then_allow_dependents();
+  wait_for_prior_grid();
+  if (!gemm_follows) allow_dependent_grid();
   const size_t row = blockIdx.x;
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * k);
   uint2* qr = reinterpret_cast<uint2*>(q + row * k);
