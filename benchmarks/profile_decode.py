@@ -7,7 +7,9 @@ For each batch size, on one engine: prefills `batch` prompts of 1024 tokens, the
 `--steps` decode steps with torch.profiler (CUDA kernels, including those replayed from CUDA
 graphs) and prints the kernels by total time per decode step, beside the step's wall clock
 measured without the profiler. Kernel time well below the wall clock means the step waits on the
-host (scheduling, input preparation, launches), not on the GPU.
+host (scheduling, input preparation, launches), not on the GPU. Beside each kernel's time, what it
+adds to the GPU's timeline (`timeline`): kernels launched early run beside the one before them,
+so their summed times count the overlap twice.
 """
 
 import argparse
@@ -17,6 +19,31 @@ import time
 from pathlib import Path
 
 from bench_e2e import CAPTURE_SIZES  # the same CUDA graphs as the throughput bench
+
+
+def timeline(kernels):
+    """What each kernel adds to the GPU's timeline, from (name, start_us, end_us) records.
+
+    A kernel launched early (programmatic dependent launch) runs beside the one before it, so
+    summed durations count that time twice. Here, in start order, each kernel gets `exposed`: the
+    part of it that runs after every earlier kernel has ended, and `gap`: the idle time between
+    those earlier kernels' end and its start (launch latency). Returns ({name: [exposed, gap]},
+    busy, idle): busy is the union of the kernels' intervals, busy + idle their span."""
+    per_name, busy, idle = {}, 0.0, 0.0
+    latest_end = None
+    for name, start, end in sorted(kernels, key=lambda k: (k[1], k[2])):
+        if latest_end is None:
+            gap, exposed = 0.0, end - start
+        else:
+            gap = max(0.0, start - latest_end)
+            exposed = max(0.0, end - max(start, latest_end))
+        entry = per_name.setdefault(name, [0.0, 0.0])
+        entry[0] += exposed
+        entry[1] += gap
+        busy += exposed
+        idle += gap
+        latest_end = end if latest_end is None else max(latest_end, end)
+    return per_name, busy, idle
 
 
 def main():
@@ -54,7 +81,7 @@ def main():
             walls.append(time.perf_counter() - start)
         wall_us = (walls[1] - walls[0]) / args.steps * 1e6
         # Profile prefill + 1 token, then prefill + 1 + steps tokens: the difference is the decode.
-        totals, host = [], {}
+        totals, timelines, host = [], [], {}
         for tokens in (1, 1 + args.steps):
             activities = [torch.profiler.ProfilerActivity.CUDA]
             if tokens == 1:  # and where the prefill's host time goes
@@ -68,6 +95,10 @@ def main():
                 elif e.device_type == torch.autograd.DeviceType.CPU and tokens == 1:
                     host[e.key] = (e.count, e.cpu_time_total, e.self_cpu_time_total)
             totals.append(kernels)
+            timelines.append(timeline(
+                (e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA
+                and e.time_range.end > e.time_range.start))
         # The prefill (run(1): `batch` x 1024 prompt tokens and one new token) runs outside CUDA
         # graphs beyond 256 tokens, so its host side may cost more than its kernels.
         prefill_us = sum(totals[0].values())
@@ -82,11 +113,23 @@ def main():
                   for k in totals[1]}
         decode = {k: v for k, v in sorted(decode.items(), key=lambda kv: -kv[1]) if v > 0}
         step_us = sum(decode.values())
+        # The same difference on the timeline: per step, the union of the kernels' intervals
+        # (busy), the idle time between them, and what each kernel adds (exposed, gap before).
+        (names0, busy0, idle0), (names1, busy1, idle1) = timelines
+        exposed = {k: [(v[i] - names0.get(k, [0.0, 0.0])[i]) / args.steps for i in (0, 1)]
+                   for k, v in names1.items()}
+        busy, idle = (busy1 - busy0) / args.steps, (idle1 - idle0) / args.steps
         print(f"decode step, batch {batch}: {step_us:.0f} us of GPU kernels per step, "
-              f"{wall_us:.0f} us wall clock per step", flush=True)
+              f"{wall_us:.0f} us wall clock per step; on the timeline {busy:.0f} us busy, "
+              f"{idle:.0f} us idle between kernels (launch gaps, host turnaround)", flush=True)
+        print("      us      %   exposed  gap before  kernel")
         for name, us in list(decode.items())[:20]:
-            print(f"{us:9.1f} us {100 * us / step_us:5.1f}%  {name[:110]}", flush=True)
+            own, gap = exposed.get(name, [0.0, 0.0])
+            print(f"{us:9.1f} us {100 * us / step_us:5.1f}%  {own:8.1f} {gap:10.1f}  {name[:100]}",
+                  flush=True)
         report["batches"][batch] = {"wall_us_per_step": wall_us, "kernel_us_per_step": decode,
+                                    "timeline_us_per_step": {"busy": busy, "idle": idle,
+                                                             "exposed_and_gap": exposed},
                                     "prefill_wall_us": walls[0] * 1e6,
                                     "prefill_kernel_us": totals[0],
                                     "prefill_host_ops": host}
