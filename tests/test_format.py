@@ -126,3 +126,23 @@ def test_bad_shapes_and_codes_rejected():
         unpack(stored["B"], stored["s_channel"], stored["s_group"], -1)
     with pytest.raises(FormatError, match="B must be int32"):
         unpack(stored["B"].long(), stored["s_channel"], stored["s_group"], 128)
+
+
+def test_every_accepted_group_product_decodes_exactly_in_fp16():
+    """The kernels' g128 decode (csrc/decode.cuh) computes 1280 + (code - 8) * s_group with one
+    fp16 fma and takes the low byte of the result as the int8 weight. That is exact only where
+    the sum stays in [1024, 2048) (unit spacing, so the fma's rounding is round-half-even of the
+    product, 1280 being even, and the mantissa is 256 + w8). Check it for every fp16 group scale
+    the loader accepts and every code whose product rounds into int8, emulating the fma."""
+    from vllm_qqq.linear_method import _MAX_GROUP_SCALE
+    s = torch.arange(1, 0x7C00, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    s = s[s.double() <= _MAX_GROUP_SCALE].double()
+    for code in range(16):
+        product = (code - 8) * s  # exact in float64
+        w8 = torch.round(product)  # the reference: round half to even
+        accepted = (w8 >= -128) & (w8 <= 127)
+        fma = (1280 + product[accepted]).half()  # one rounding, as __hfma2
+        assert ((fma.double() >= 1024) & (fma.double() < 2048)).all()
+        low_byte = fma.view(torch.int16).to(torch.int32) & 0xFF
+        assert torch.equal(torch.where(low_byte > 127, low_byte - 256, low_byte).double(),
+                           w8[accepted])

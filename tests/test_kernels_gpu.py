@@ -163,7 +163,10 @@ def test_quant_launch_either_way_matches_reference(early, g):
 
 def check_gemm(shape, m, g):
     k, n = SHAPES[shape]
-    t = make_layer(k, n, g, seed=m * 7 + k + n)
+    check_layer(make_layer(k, n, g, seed=m * 7 + k + n), m, k, n, g)
+
+
+def check_layer(t, m, k, n, g):
     ws = ops.workspace("cuda", n)
     for dtype in DTYPES:
         x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
@@ -185,6 +188,47 @@ def check_gemm(shape, m, g):
         assert ws[:head].eq(0).all(), "split-K sums and counters not restored to zero"
         y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, bias)
         assert torch.equal(y, ref)
+
+
+def edge_group_layer(k, n, seed):
+    """A g128 layer whose products (code - 8) * s_group reach the ends of int8: group scales up
+    to the loader's limit (127.5 / 7), code 0 (-8 * s) only where s <= 16.0625 (-8 * 16.0625 =
+    -128.5 rounds to -128, half to even), and the scales just above 16 where -8 * s lies in
+    [-128.5, -128)."""
+    from vllm_qqq.format import QQQWeight
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // 128
+    near_16 = torch.tensor([16.0, 16.015625, 16.03125, 16.046875, 16.0625])
+    low = near_16[torch.randint(0, 5, (groups, n), generator=gen)]
+    high = 16.0625 + torch.rand(groups, n, generator=gen) * (127.5 / 7 - 16.0625)
+    use_high = torch.rand(groups, n, generator=gen) < 0.5
+    group = torch.where(use_high, high, low).to(torch.float16)
+    group = torch.where(group.float() > 127.5 / 7, torch.tensor(18.203125).half(), group)
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int8)
+    no_zero = use_high.repeat_interleave(128, 0)  # -8 * s would leave int8 there
+    codes = torch.where(no_zero & (codes == 0), torch.ones_like(codes), codes)
+    w = QQQWeight(codes, torch.rand(n, generator=gen) * 1e-3 + 1e-4, group, 128)
+    w8 = w.group_products()
+    assert w8.min() == -128 and w8.max() <= 127  # the edge is reached, and nothing leaves int8
+    t = ops.prepare_weight(w)
+    return {name: v.cuda() for name, v in t.items()}
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 64, 200, 1024])
+def test_group_scales_at_the_int8_edge_match_reference(m):
+    """Every g128 kernel (narrow and split-K at M <= 16, the Hopper kernel and the mma.sync one
+    above) on products at the ends of int8: the decode must not wrap -128 to 127."""
+    from vllm_qqq import _C
+    k, n = 1024, 256
+    t = edge_group_layer(k, n, seed=m)
+    for narrow, wgmma in ((-1, True), (0 if m <= 16 else -1, False)):
+        _C.set_narrow(narrow)
+        _C.set_wgmma(wgmma)
+        try:
+            check_layer(t, m, k, n, 128)
+        finally:
+            _C.set_narrow(-1)
+            _C.set_wgmma(True)
 
 
 def test_cuda_graph_and_compile(monkeypatch):
