@@ -392,6 +392,21 @@ def test_layers_of_different_n_share_the_workspace():
                 assert torch.equal(y, ref)
 
 
+def test_an_empty_batch_gives_an_empty_output():
+    """M = 0 (a batch with no tokens): no launch, an empty output of the right shape; the
+    workspace's zeroed head stays zero for the next call."""
+    for g in (-1, 128):
+        t = make_layer(256, 128, g, seed=1)
+        ws = ops.workspace("cuda", 128)
+        for dtype in DTYPES:
+            y = ops.w4a8_linear(torch.empty(0, 256, device="cuda", dtype=dtype), t["qqq_b"],
+                                t["qqq_scale"], t["qqq_group"], ws)
+            assert y.dtype == dtype and y.shape == (0, 128)
+            a, s = torch.ops.qqq.quant_per_token(torch.empty(0, 256, device="cuda", dtype=dtype))
+            assert a.shape == (0, 256) and s.numel() == 0
+        check_layer(t, 1, 256, 128, g)  # and a call after it is still right
+
+
 def test_bad_inputs_are_errors():
     t = make_layer(256, 128, -1, seed=0)
     ws = ops.workspace("cuda", 128)

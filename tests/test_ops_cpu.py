@@ -54,6 +54,15 @@ def test_ops_match_reference(g, dtype):
                                atol=1e-5)
 
 
+def test_an_empty_batch_gives_an_empty_output():
+    _, t = layer(256, 128, 128, seed=4)
+    ws = ops.workspace("cpu", 128)
+    for shape in ((0, 256), (2, 0, 256)):
+        y = ops.w4a8_linear(torch.randn(shape).half(), t["qqq_b"], t["qqq_scale"], t["qqq_group"],
+                            ws)
+        assert y.dtype == torch.float16 and y.shape == shape[:-1] + (128,)
+
+
 def test_ops_trace_with_fullgraph():
     _, t = layer(256, 128, 128)
     ws = ops.workspace("cpu", 128)
