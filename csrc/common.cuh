@@ -108,17 +108,17 @@ __device__ __forceinline__ void wait_for_prior_grid() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void allow_dependent_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
 // A kernel may let the next one launch (griddepcontrol.launch_dependents) before its own wait
 // only when that next kernel is known to wait for it before reading anything written before: a
 // dependent such as Inductor's PDL kernels waits for the grid just before it alone and may read
 // what earlier grids wrote. The GEMMs do not trigger at all (they end before the next kernel
 // starts): triggering after their wait made back-to-back calls slower on the H100, down M = 16
 // 15.2 -> 21.9 us (NOTES.md, "GEMM").
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
 // `programmatic` (sm_90+): the kernel may begin before the previous kernel in the stream has
