@@ -196,14 +196,17 @@ def edge_group_layer(k, n, seed):
     -128.5 rounds to -128, half to even), and the scales just above 16 where -8 * s lies in
     [-128.5, -128)."""
     from vllm_qqq.format import QQQWeight
+    from vllm_qqq.linear_method import _MAX_GROUP_SCALE
     gen = torch.Generator().manual_seed(seed)
     groups = k // 128
     near_16 = torch.tensor([16.0, 16.015625, 16.03125, 16.046875, 16.0625])
     low = near_16[torch.randint(0, 5, (groups, n), generator=gen)]
-    high = 16.0625 + torch.rand(groups, n, generator=gen) * (127.5 / 7 - 16.0625)
+    high = 16.0625 + torch.rand(groups, n, generator=gen) * (_MAX_GROUP_SCALE - 16.0625)
     use_high = torch.rand(groups, n, generator=gen) < 0.5
     group = torch.where(use_high, high, low).to(torch.float16)
-    group = torch.where(group.float() > 127.5 / 7, torch.tensor(18.203125).half(), group)
+    top = torch.tensor(18.203125).half()  # the largest fp16 within the loader's limit
+    assert float(top) <= _MAX_GROUP_SCALE < float(top) + 2**-6  # fp16 steps by 1/64 in [16, 32)
+    group = torch.where(group.float() > _MAX_GROUP_SCALE, top, group)
     codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int8)
     no_zero = use_high.repeat_interleave(128, 0)  # -8 * s would leave int8 there
     codes = torch.where(no_zero & (codes == 0), torch.ones_like(codes), codes)
