@@ -9,6 +9,11 @@ out=${OUT:-out/gpu}
 mkdir -p "$out"
 source .gpu/setup.sh || exit 1
 echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+# The results' names carry the GPU model (gemm_h100.json, gemm_h200.json): the device tool has
+# lent H100s and H200s, whose memory bandwidths differ by ~1.4x.
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'H[0-9]{3}|A100|L40S?' \
+  | head -1 | tr '[:upper:]' '[:lower:]')
+gpu=${gpu:-gpu}
 status=0
 # The 32-layer Llama-3-8B-shaped checkpoints of the formats given (comma-separated) in /tmp/e2e,
 # made where missing; kept there for later calls on the same machine.
@@ -42,7 +47,7 @@ for step in "$@"; do
     bench-all)
       python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
         --impls qqq_channel,qqq_g128,fp16,w8a8_cutlass,marlin_w4a16_g128,machete_w4a16_g128,marlin_w4a8_channel,marlin_w4a8_g128,cutlass_w4a8_fp8 \
-        --json "$out/gemm_h100.json" 2>&1 \
+        --json "$out/gemm_$gpu.json" 2>&1 \
         | tee "$out/bench_all.log" | tail -45
       ;;
     vllm)
@@ -55,8 +60,8 @@ for step in "$@"; do
       mkdir -p /tmp/e2e
       python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
         --formats "${E2E_FORMATS:-fp16,w8a8,w4a16,qqq_channel,qqq_g128}" \
-        --json /tmp/e2e/e2e_h100.json --append 2>&1 | tee -a /tmp/e2e/bench_e2e.log | tail -30
-      cp /tmp/e2e/e2e_h100.json /tmp/e2e/bench_e2e.log "$out/"
+        --json /tmp/e2e/e2e_$gpu.json --append 2>&1 | tee -a /tmp/e2e/bench_e2e.log | tail -30
+      cp /tmp/e2e/e2e_$gpu.json /tmp/e2e/bench_e2e.log "$out/"
       ;;
     profile)
       # PROFILE_FORMATS: formats, "+kernel-quant" after a QQQ one runs it with
