@@ -17,12 +17,18 @@ class W4A8Linear(torch.nn.Module):
     """exact=True: the reference (int32-exact accumulation). exact=False: the same quantized
     values multiplied in fp32 (dequantized activations x dequantized weights), for speed in
     perplexity runs; it differs only by fp32 rounding. quant_acts=False (with exact=False) leaves
-    the activations unquantized: the weight-only (W4A16) reference of the accuracy study."""
+    the activations unquantized: the weight-only (W4A16) reference of the accuracy study.
+    k_shards > 1 (exact only): the layer as vLLM runs a row-parallel linear over that many
+    tensor-parallel ranks: each rank quantizes its slice of K per token with its own scale, and
+    the ranks' outputs are summed; the bias is added once."""
 
     def __init__(self, w_int8: torch.Tensor, channel: torch.Tensor, bias: torch.Tensor | None,
-                 exact: bool = True):
+                 exact: bool = True, k_shards: int = 1):
         super().__init__()
+        if k_shards > 1 and (not exact or w_int8.shape[0] % k_shards):
+            raise ValueError(f"cannot split K = {w_int8.shape[0]} into {k_shards} exact shards")
         self.exact = exact
+        self.k_shards = k_shards
         self.quant_acts = True
         self.register_buffer("w_int8", w_int8)
         self.register_buffer("channel", channel)
@@ -31,6 +37,11 @@ class W4A8Linear(torch.nn.Module):
             self.register_buffer("w_dq", w_int8.float() * channel[None, :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact and self.k_shards > 1:
+            xs = x.chunk(self.k_shards, dim=-1)
+            ws = self.w_int8.chunk(self.k_shards, dim=0)
+            y = sum(w4a8_linear(xi, wi, self.channel, None, x.dtype) for xi, wi in zip(xs, ws))
+            return y if self.bias is None else y + self.bias
         if self.exact:
             return w4a8_linear(x, self.w_int8, self.channel, self.bias, x.dtype)
         x2 = x.reshape(-1, x.shape[-1]).float()
@@ -52,8 +63,14 @@ def _tensors(qqq_dir: Path):
     return out
 
 
-def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exact: bool = True):
-    """transformers model for a QQQ checkpoint directory, its linears replaced by W4A8Linear."""
+# The linears vLLM splits along K under tensor parallelism (RowParallelLinear).
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exact: bool = True,
+                          tensor_parallel: int = 1):
+    """transformers model for a QQQ checkpoint directory, its linears replaced by W4A8Linear;
+    tensor_parallel > 1: the row-parallel linears as that many vLLM ranks compute them."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qqq_dir = Path(qqq_dir)
@@ -72,7 +89,8 @@ def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exa
             parent, child = name.split(".")
             setattr(layer.get_submodule(parent), child,
                     W4A8Linear(w.int8_weight(), w.channel,
-                               None if bias is None else bias.to(dtype), exact))
+                               None if bias is None else bias.to(dtype), exact,
+                               tensor_parallel if name in ROW_PARALLEL else 1))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()},
                                                 strict=False)
     missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias", "w_dq"))

