@@ -24,14 +24,15 @@ PROMPTS = [[5, 6, 7, 8], [100, 23, 42], [300, 301, 302, 303, 304, 305], [17]]
 NEAR_TIE = 0.5
 
 
-def generate(ckpt, quantization, tensor_parallel=1, env=None) -> dict:
-    """vLLM's greedy generation of PROMPTS (20 tokens each) in float32: {"quantization": the
-    method vLLM chose, "tokens": [...]}."""
-    proc = run_vllm("generate", str(ckpt), quantization, "float32", json.dumps(PROMPTS),
-                    str(tensor_parallel), env=env)
+def generate(ckpt, quantization, tensor_parallel=1, env=None, lora=None,
+             dtype="float32") -> dict:
+    """vLLM's greedy generation of PROMPTS (20 tokens each), with the LoRA adapter in directory
+    `lora` if given: {"quantization": the method vLLM chose, "tokens": [...], "log": its output}."""
+    proc = run_vllm("generate", str(ckpt), quantization, dtype, json.dumps(PROMPTS),
+                    str(tensor_parallel), *([str(lora)] if lora else []), env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return {**json.loads(lines[-1][len("RESULT "):]), "log": proc.stdout + proc.stderr}
 
 
 def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE, model=None):
@@ -192,3 +193,59 @@ def test_other_architectures_match_fake_quant(tmp_path, arch, group_size):
     assert result["quantization"] == "qqq"
     ties = check_greedy(ckpt, result["tokens"])
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
+
+
+class _WithLoRA(torch.nn.Module):
+    def __init__(self, base, a, b, scaling):
+        super().__init__()
+        self.base, self.a, self.b, self.scaling = base, a, b, scaling
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scaling
+
+
+def lora_adapter(qqq_dir, out_dir):
+    """A strong PEFT LoRA adapter for qqq_dir (rank 8 on q, v, o and down; q and v are slices of
+    the fused QKV layer; its products as large as the layers'), written to out_dir, and the
+    fake-quant model of qqq_dir with the same LoRA products added: the oracle."""
+    config = json.loads((qqq_dir / "config.json").read_text())
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    shapes = {"self_attn.q_proj": (h, h), "self_attn.v_proj": (h, kv),
+              "self_attn.o_proj": (h, h), "mlp.down_proj": (inter, h)}
+    rank, alpha = 8, 16
+    gen = torch.Generator().manual_seed(3)
+    adapter = {}
+    for i in range(config["num_hidden_layers"]):
+        for name, (k, n) in shapes.items():
+            p = f"base_model.model.model.layers.{i}.{name}"
+            adapter[f"{p}.lora_A.weight"] = torch.randn(rank, k, generator=gen) / k ** 0.5
+            adapter[f"{p}.lora_B.weight"] = torch.randn(n, rank, generator=gen) / rank ** 0.5
+    out_dir.mkdir()
+    save_file(adapter, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": [name.split(".")[1] for name in shapes],
+        "base_model_name_or_path": str(qqq_dir)}))
+    model = load_fake_quant_model(qqq_dir, torch.float32)
+    for i, layer in enumerate(model.model.layers):
+        for name in shapes:
+            p = f"base_model.model.model.layers.{i}.{name}"
+            parent, child = name.split(".")
+            module = layer.get_submodule(parent)
+            setattr(module, child, _WithLoRA(getattr(module, child), adapter[f"{p}.lora_A.weight"],
+                                             adapter[f"{p}.lora_B.weight"], alpha / rank))
+    return out_dir, model
+
+
+def test_lora_adapter_on_a_qqq_model(qqq_calibrated, tmp_path):
+    """The adapter served on the calibrated g128 checkpoint: vLLM adds each LoRA product to our
+    linear's output. Greedy tokens must be the oracle's; the base model's would miss at nearly
+    every step."""
+    lora, oracle = lora_adapter(qqq_calibrated, tmp_path / "adapter")
+    tokens = generate(qqq_calibrated, "auto", lora=lora)["tokens"]
+    ties = check_greedy(qqq_calibrated, tokens, model=oracle)
+    assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
+    with pytest.raises(AssertionError, match="off the oracle"):  # the adapter changed the tokens
+        check_greedy(qqq_calibrated, tokens)

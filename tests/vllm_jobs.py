@@ -1,8 +1,8 @@
 """Jobs the tests run in a fresh interpreter, each starting its own vLLM engine.
 
-    python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON [TP]
+    python tests/vllm_jobs.py generate MODEL_DIR QUANTIZATION DTYPE PROMPT_IDS_JSON [TP [LORA_DIR]]
         prints one line: RESULT <json list of generated token id lists>; TP: tensor-parallel
-        ranks (default 1)
+        ranks (default 1); LORA_DIR: a PEFT LoRA adapter every request runs with
     python tests/vllm_jobs.py ppl MODEL_DIR DTYPE WINDOWS_JSON
         prints RESULT <json {"ppl": ...}> from vLLM's prompt logprobs over the token windows
     python tests/vllm_jobs.py load MODEL_DIR
@@ -31,10 +31,14 @@ def main():
     if job == "generate":
         quantization, dtype, prompts = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
         tp = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+        lora_dir = sys.argv[7] if len(sys.argv) > 7 else None
         from vllm import SamplingParams
-        llm = make_llm(model_dir, quantization, dtype, tensor_parallel_size=tp)
+        from vllm.lora.request import LoRARequest
+        lora = {} if lora_dir is None else dict(enable_lora=True, max_lora_rank=16)
+        llm = make_llm(model_dir, quantization, dtype, tensor_parallel_size=tp, **lora)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
+                            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+                            lora_request=lora_dir and LoRARequest("adapter", 1, lora_dir))
         method = llm.llm_engine.vllm_config.model_config.quantization
         print("RESULT", json.dumps({"quantization": method,
                                     "tokens": [list(o.outputs[0].token_ids) for o in outs]}))

@@ -116,14 +116,17 @@ class QQQLinearMethod(LinearMethodBase):
         def keep(name, t):
             layer.register_parameter(name, Parameter(t, requires_grad=False))
 
+        # The weight (kernel layout, or int8 for the reference) is named `qweight`: vLLM's LoRA
+        # layers find a quantized layer's device by that name (vllm/lora/layers/utils.py).
         if ops.use_cuda_kernels(layer.qqq_in, layer.qqq_out, layer.qqq_dtype, w.codes.device):
             packed = ops.prepare_weight(w)
+            keep("qweight", packed.pop("qqq_b"))
             for name, t in packed.items():
                 keep(name, t)
             layer.qqq_workspace = ops.workspace(w.codes.device, layer.qqq_out)
             layer.qqq_cuda = True
         else:
-            keep("qqq_w8", w.int8_weight())
+            keep("qweight", w.int8_weight())
             keep("qqq_scale", w.channel.float().contiguous())
             layer.qqq_cuda = False
         path = "the QQQ CUDA kernels" if layer.qqq_cuda else "the PyTorch reference"
@@ -134,6 +137,6 @@ class QQQLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.qqq_cuda:
-            return ops.w4a8_linear(x, layer.qqq_b, layer.qqq_scale, layer.qqq_group,
+            return ops.w4a8_linear(x, layer.qweight, layer.qqq_scale, layer.qqq_group,
                                    layer.qqq_workspace, bias)
-        return w4a8_linear(x, layer.qqq_w8, layer.qqq_scale, bias, x.dtype)
+        return w4a8_linear(x, layer.qweight, layer.qqq_scale, bias, x.dtype)
