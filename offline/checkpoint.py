@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from vllm_qqq.format import QQQWeight, pack
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
@@ -49,8 +48,9 @@ def check_source_dtype(model: torch.nn.Module) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float16
 
 
-def qqq_tensors(prefix: str, weight: QQQWeight, bias: torch.Tensor | None) -> dict:
-    tensors = {f"{prefix}.{k}": v for k, v in pack(weight).items()}
+def qqq_tensors(prefix: str, packed: dict[str, torch.Tensor], bias: torch.Tensor | None) -> dict:
+    """One layer's checkpoint tensors from its packed weight (vllm_qqq.format.pack) and bias."""
+    tensors = {f"{prefix}.{k}": v for k, v in packed.items()}
     if bias is not None:
         tensors[f"{prefix}.bias"] = bias.detach().contiguous()
     return tensors

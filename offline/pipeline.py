@@ -12,7 +12,7 @@ from offline.checkpoint import LINEAR_NAMES
 from offline.gptq import Hessian, gptq
 from offline.grid import Grid
 from offline.smooth import smooth_layer
-from vllm_qqq.format import QQQWeight
+from vllm_qqq.format import pack
 
 log = logging.getLogger("qqq-quantize")
 SMOOTH_ROWS = 2048  # calibration tokens the smoothing search uses per pair
@@ -73,22 +73,41 @@ def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
     return outputs, rows
 
 
+def _fp32(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, tuple):
+        return tuple(_fp32(v) for v in value)
+    return value
+
+
 @torch.no_grad()
 def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
-                    device="cpu", clip: bool = False) -> dict[str, QQQWeight]:
-    """Quantize every decoder linear of `model` in place (weights become their fake-quantized
-    values; smoothing is folded into norms and producers) and return the layers' QQQ weights.
-    clip: search each row's / group's range (offline/grid.py) before GPTQ."""
+                    device="cpu", clip: bool = False, prepare=None) -> dict[str, dict]:
+    """Quantize every decoder linear of `model` (smoothing is folded into norms and producers)
+    and return each one's packed QQQ tensors (vllm_qqq.format.pack). clip: search each row's /
+    group's range (offline/grid.py) before GPTQ.
+    Bounded memory: the model stays in its dtype on the host; each layer works in fp32 on
+    `device` while it is quantized, after prepare(layer) if given (the layer's rotation), and its
+    linears' weights are released once the next layer's inputs are computed from their
+    fake-quantized values (only the packed tensors, 0.5 bytes a weight, are kept)."""
     config = model.config
     heads_match = config.num_attention_heads == getattr(config, "num_key_value_heads",
                                                         config.num_attention_heads)
-    model.model.embed_tokens.to(device)
+    embed = model.model.embed_tokens
+    embed_dtype = embed.weight.dtype
+    embed.to(device, torch.float32)  # the layers' inputs (and rotary tables) in fp32
     model.model.rotary_emb.to(device)
     inputs, kwargs = capture_first_layer_inputs(model, samples, device)
+    embed.to("cpu", embed_dtype)
+    kwargs = {k: _fp32(v) for k, v in kwargs.items()}
     result = {}
     for i, layer in enumerate(tqdm(model.model.layers, desc="QQQ layers", unit="layer")):
         start = time.time()
-        layer.to(device)
+        layer_dtype = next(layer.parameters()).dtype
+        layer.to(device, torch.float32)
+        if prepare is not None:
+            prepare(layer)
         if smooth:
             _, rows = _collect(layer, inputs, kwargs, LINEAR_NAMES, keep_rows=SMOOTH_ROWS)
             pairs = smooth_layer(layer, {n: r.to(device) for n, r in rows.items()}, group_size,
@@ -102,10 +121,12 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
             w = linear.weight.data.float()
             grid = Grid(w, group_size, clip)
             codes = gptq(w, hessians[name].h, grid) if use_gptq else grid.codes(w, 0)
-            result[f"model.layers.{i}.{name}"] = grid.to_weight(codes.cpu())
+            result[f"model.layers.{i}.{name}"] = pack(grid.to_weight(codes.cpu()))
             linear.weight.data = grid.dequant(codes, 0).to(linear.weight.dtype)
         del hessians
         inputs, _ = _collect(layer, inputs, kwargs, [])
-        layer.to("cpu")
+        for name in LINEAR_NAMES:  # the packed weights replace them: free the memory
+            layer.get_submodule(name).weight.data = torch.empty(0, dtype=layer_dtype)
+        layer.to("cpu", layer_dtype)
         log.info("layer %d/%d done in %.1f s", i + 1, len(model.model.layers), time.time() - start)
     return result

@@ -18,6 +18,7 @@ import logging
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_source_dtyp
                                 read_config, write_checkpoint)
 from offline.grid import rtn
 from offline.pipeline import quantize_layers
-from offline.rotate import rotate_model
-from vllm_qqq.format import FormatError, check_shape
+from offline.rotate import rotate_ends, rotate_layer, rotations
+from vllm_qqq.format import FormatError, check_shape, pack
 
 log = logging.getLogger("qqq-quantize")
 
@@ -66,26 +67,35 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     src_dtype = check_source_dtype(model)
     _check_linears(model, group_size)
     start = time.time()
-    if rotate or calibrated:
-        model.float()  # work in fp32; the exported non-linear tensors go back to src_dtype
+    # The model stays in src_dtype: each decoder layer is rotated and quantized in fp32 in turn
+    # (host memory ~2 bytes a parameter, not 4 + 2).
+    prepare = None
     if rotate:
-        rotate_model(model, seed, heads=rotate_heads)
+        q, r = rotations(model.config, seed, heads=rotate_heads)
+        rotate_ends(model, q)
+        prepare = partial(rotate_layer, q=q, r=r)
         config = dict(config, tie_word_embeddings=False)  # rotation unties lm_head
     if calibrated:
         method = "+".join(m for m, on in (("rotate", rotate), ("smooth", smooth), ("gptq", gptq))
                           if on)
         log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
                  nsamples, seqlen, device)
-        weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip)
+        weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip, prepare)
     else:
-        weights = {f"model.layers.{i}.{name}": rtn(layer.get_submodule(name).weight.data,
-                                                   group_size, clip)
-                   for i, layer in enumerate(model.model.layers) for name in LINEAR_NAMES}
+        weights = {}
+        for i, layer in enumerate(model.model.layers):
+            if prepare is not None:
+                layer.float()
+                prepare(layer)
+            for name in LINEAR_NAMES:
+                weights[f"model.layers.{i}.{name}"] = pack(rtn(
+                    layer.get_submodule(name).weight.data.float(), group_size, clip))
+            layer.to(src_dtype)
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
-    for prefix, qweight in weights.items():
+    for prefix, packed in weights.items():
         del state[f"{prefix}.weight"]
         bias = state.pop(f"{prefix}.bias", None)
-        state.update(qqq_tensors(prefix, qweight, bias))
+        state.update(qqq_tensors(prefix, packed, bias))
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     out = write_checkpoint(out_dir, state, config, group_size, model_dir,

@@ -56,40 +56,62 @@ def _fuse_norm(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
     norm.weight.fill_(1.0)
 
 
+def rotations(config, seed: int = 0, heads: bool = False):
+    """The residual stream's Q [hidden, hidden] and, with heads, the head rotation R (else None)."""
+    q = random_orthogonal(config.hidden_size, seed)
+    if not heads:
+        return q, None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    r = (hadamard(head_dim) if head_dim & (head_dim - 1) == 0
+         else random_orthogonal(head_dim, seed + 1))
+    return q, r
+
+
 @torch.no_grad()
-def rotate_model(model, seed: int = 0, heads: bool = False) -> None:
-    """Fuse the norms and rotate the residual stream of a Llama/Qwen-style model in place (and,
-    with heads, each attention head's values). Ties between the embedding and lm_head are broken
-    (the lm_head takes the final norm)."""
+def rotate_ends(model, q: torch.Tensor) -> None:
+    """The parts of the rotation outside the decoder layers: the embedding (it writes the residual
+    stream) and the lm_head, which takes the final norm's weight and reads the stream. A tie
+    between the two is broken first. Each tensor is rounded to its dtype once."""
     inner = model.model
     if getattr(model.config, "tie_word_embeddings", False):
         model.lm_head.weight = torch.nn.Parameter(inner.embed_tokens.weight.detach().clone())
         model.config.tie_word_embeddings = False
-    for layer in inner.layers:
-        _fuse_norm(layer.input_layernorm, [layer.get_submodule(n) for n in READERS[:3]])
-        _fuse_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in READERS[3:]])
-    _fuse_norm(inner.norm, [model.lm_head])
-    q = random_orthogonal(model.config.hidden_size, seed)
+    emb, head = inner.embed_tokens.weight, model.lm_head.weight
+    emb.copy_((emb.double() @ q).to(emb.dtype))
+    head.copy_(((head.double() * inner.norm.weight.double()[None, :]) @ q).to(head.dtype))
+    inner.norm.weight.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_layer(layer, q: torch.Tensor, r: torch.Tensor | None = None) -> None:
+    """One decoder layer's part: its norms fused into the linears that read them, the readers
+    rotated on their input side and the writers on their output side; with r, each attention
+    head's values. Layer by layer, so that only the layer being quantized needs fp32 copies."""
+    device = layer.input_layernorm.weight.device  # the layer may be on the calibration GPU
+    q = q.to(device)
+    r = None if r is None else r.to(device)
+    _fuse_norm(layer.input_layernorm, [layer.get_submodule(n) for n in READERS[:3]])
+    _fuse_norm(layer.post_attention_layernorm, [layer.get_submodule(n) for n in READERS[3:]])
 
     def right(w):  # x -> x Q on the input side of a reader: W <- W Q
         w.copy_((w.double() @ q).to(w.dtype))
 
-    right(inner.embed_tokens.weight)  # the embedding writes rows of the residual stream
-    for layer in inner.layers:
-        for name in READERS:
-            right(layer.get_submodule(name).weight)
-        for name in WRITERS:
-            lin = layer.get_submodule(name)
-            lin.weight.copy_((q.t() @ lin.weight.double()).to(lin.weight.dtype))
-            if lin.bias is not None:
-                right(lin.bias[None, :])
-    right(model.lm_head.weight)
-    if not heads:
-        return
+    for name in READERS:
+        right(layer.get_submodule(name).weight)
+    for name in WRITERS:
+        lin = layer.get_submodule(name)
+        lin.weight.copy_((q.t() @ lin.weight.double()).to(lin.weight.dtype))
+        if lin.bias is not None:
+            right(lin.bias[None, :])
+    if r is not None:
+        _rotate_heads(layer.self_attn, r.shape[0], r)
 
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    r = (hadamard(head_dim) if head_dim & (head_dim - 1) == 0
-         else random_orthogonal(head_dim, seed + 1))
-    for layer in inner.layers:
-        _rotate_heads(layer.self_attn, head_dim, r)
+
+def rotate_model(model, seed: int = 0, heads: bool = False) -> None:
+    """Fuse the norms and rotate the residual stream of a Llama/Qwen-style model in place (and,
+    with heads, each attention head's values). Ties between the embedding and lm_head are broken
+    (the lm_head takes the final norm)."""
+    q, r = rotations(model.config, seed, heads)
+    rotate_ends(model, q)
+    for layer in model.model.layers:
+        rotate_layer(layer, q, r)

@@ -178,3 +178,37 @@ def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, r
                  "--nsamples", "4", "--seqlen", "64"]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["rotate"] == rotate and qc["smooth"] == (not rotate) and qc["gptq"]
+
+
+def test_quantization_holds_one_layer_in_fp32(tiny_fp16, calib_text, tmp_path, monkeypatch):
+    """Bounded host memory: while a layer is calibrated, every other layer stays in the source
+    dtype (not a whole fp32 copy of the model), and the layers already quantized no longer hold
+    their linears' weights (the packed tensors replace them). Rotation runs layer by layer too."""
+    import offline.pipeline as pipeline
+    collect, seen = pipeline._collect, []
+
+    def watch(layer, *args, **kwargs):
+        layers = list(model_holder[0].model.layers)
+        fp32 = [i for i, l in enumerate(layers) if any(p.dtype == torch.float32
+                                                       for p in l.parameters())]
+        emptied = [i for i, l in enumerate(layers)
+                   if l.self_attn.q_proj.weight.numel() == 0 and l.mlp.down_proj.weight.numel() == 0]
+        seen.append((layers.index(layer), fp32, emptied))
+        return collect(layer, *args, **kwargs)
+
+    model_holder = []
+    quantize_layers = pipeline.quantize_layers
+
+    def grab(model, *args, **kwargs):
+        model_holder.append(model)
+        return quantize_layers(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_collect", watch)
+    import offline.quantize as quantize
+    monkeypatch.setattr(quantize, "quantize_layers", grab)
+    quantize_model(tiny_fp16, tmp_path / "q", 128, calib=calib_text, nsamples=4, seqlen=64,
+                   rotate=True, smooth=False)
+    assert {i for i, _, _ in seen} == {0, 1}
+    for i, fp32, emptied in seen:
+        assert fp32 == [i], (i, fp32)
+        assert emptied == list(range(i)), (i, emptied)
