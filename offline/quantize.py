@@ -89,7 +89,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                 prepare(layer)
             for name in LINEAR_NAMES:
                 weights[f"model.layers.{i}.{name}"] = pack(rtn(
-                    layer.get_submodule(name).weight.data.float(), group_size, clip))
+                    layer.get_submodule(name).weight.data, group_size, clip))
             layer.to(src_dtype)
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
     for prefix, packed in weights.items():
