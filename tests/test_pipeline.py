@@ -191,8 +191,8 @@ def test_quantization_holds_one_layer_in_fp32(tiny_fp16, calib_text, tmp_path, m
         layers = list(model_holder[0].model.layers)
         fp32 = [i for i, l in enumerate(layers) if any(p.dtype == torch.float32
                                                        for p in l.parameters())]
-        emptied = [i for i, l in enumerate(layers)
-                   if l.self_attn.q_proj.weight.numel() == 0 and l.mlp.down_proj.weight.numel() == 0]
+        emptied = [i for i, l in enumerate(layers) if l.self_attn.q_proj.weight.numel() == 0
+                   and l.mlp.down_proj.weight.numel() == 0]
         seen.append((layers.index(layer), fp32, emptied))
         return collect(layer, *args, **kwargs)
 

@@ -38,7 +38,7 @@ def main():
         llm = make_llm(model_dir, quantization, dtype, tensor_parallel_size=tp, **lora)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
-                            lora_request=lora_dir and LoRARequest("adapter", 1, lora_dir))
+                            lora_request=LoRARequest("adapter", 1, lora_dir) if lora_dir else None)
         method = llm.llm_engine.vllm_config.model_config.quantization
         print("RESULT", json.dumps({"quantization": method,
                                     "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
