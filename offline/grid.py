@@ -71,9 +71,10 @@ class Grid:
         return self.dequant(self.codes(w, k0), k0)
 
     def to_weight(self, codes: torch.Tensor) -> QQQWeight:
-        """codes [N, K] -> the layer in logical form (codes transposed to [K, N])."""
-        return QQQWeight(codes.t().to(torch.int8).contiguous(), self.channel.clone(),
-                         None if self.group is None else self.group.clone(), self.group_size)
+        """codes [N, K] -> the layer in logical form (codes transposed to [K, N]), on the CPU
+        (the checkpoint's side, wherever the layer was calibrated)."""
+        return QQQWeight(codes.t().to(torch.int8).cpu().contiguous(), self.channel.cpu().clone(),
+                         None if self.group is None else self.group.cpu().clone(), self.group_size)
 
 
 def rtn(weight: torch.Tensor, group_size: int, clip: bool = False) -> QQQWeight:

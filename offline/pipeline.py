@@ -121,7 +121,7 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
             w = linear.weight.data.float()
             grid = Grid(w, group_size, clip)
             codes = gptq(w, hessians[name].h, grid) if use_gptq else grid.codes(w, 0)
-            result[f"model.layers.{i}.{name}"] = pack(grid.to_weight(codes.cpu()))
+            result[f"model.layers.{i}.{name}"] = pack(grid.to_weight(codes))
             linear.weight.data = grid.dequant(codes, 0).to(linear.weight.dtype)
         del hessians
         inputs, _ = _collect(layer, inputs, kwargs, [])

@@ -31,7 +31,7 @@ for step in "$@"; do
       python3 -c "from vllm_qqq import _C, ops; print('extension:', _C.__file__, ops.kernels_available())" || exit 1
       ;;
     test)
-      python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+      python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_pipeline.py 2>&1 \
         | tee "$out/test_gpu.log" | tail -25 || status=1
       ;;
     sanitize)
