@@ -73,14 +73,6 @@ def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
     return outputs, rows
 
 
-def _fp32(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.float()
-    if isinstance(value, tuple):
-        return tuple(_fp32(v) for v in value)
-    return value
-
-
 @torch.no_grad()
 def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
                     device="cpu", clip: bool = False, prepare=None) -> dict[str, dict]:
@@ -100,7 +92,6 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
     model.model.rotary_emb.to(device)
     inputs, kwargs = capture_first_layer_inputs(model, samples, device)
     embed.to("cpu", embed_dtype)
-    kwargs = {k: _fp32(v) for k, v in kwargs.items()}
     result = {}
     for i, layer in enumerate(tqdm(model.model.layers, desc="QQQ layers", unit="layer")):
         start = time.time()

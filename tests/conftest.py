@@ -24,6 +24,15 @@ def tiny_fp16(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calib_text(tmp_path_factory) -> Path:
+    """Calibration text like the tiny tokenizer's corpus."""
+    from offline.tiny_model import corpus
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(corpus(300, seed=1)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def qqq_checkpoints(tiny_fp16, tmp_path_factory) -> dict[int, Path]:
     from offline.quantize import quantize_model
     root = tmp_path_factory.mktemp("qqq")
@@ -31,24 +40,19 @@ def qqq_checkpoints(tiny_fp16, tmp_path_factory) -> dict[int, Path]:
 
 
 @pytest.fixture(scope="session")
-def qqq_calibrated(tiny_fp16, tmp_path_factory) -> Path:
-    """The full pipeline (smoothing + GPTQ), g128, on text like the tiny tokenizer's corpus."""
+def qqq_calibrated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
+    """The full pipeline (smoothing + GPTQ), g128."""
     from offline.quantize import quantize_model
-    from offline.tiny_model import corpus
     root = tmp_path_factory.mktemp("qqq-calibrated")
-    (root / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
-    return quantize_model(tiny_fp16, root / "g128", 128, calib=root / "calib.txt", nsamples=8,
-                          seqlen=64)
+    return quantize_model(tiny_fp16, root / "g128", 128, calib=calib_text, nsamples=8, seqlen=64)
 
 
 @pytest.fixture(scope="session")
-def qqq_rotated(tiny_fp16, tmp_path_factory) -> Path:
+def qqq_rotated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
     """The rotation pipeline (fused norms, rotated residual stream, GPTQ), per-channel."""
     from offline.quantize import quantize_model
-    from offline.tiny_model import corpus
     root = tmp_path_factory.mktemp("qqq-rotated")
-    (root / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
-    return quantize_model(tiny_fp16, root / "ch", -1, calib=root / "calib.txt", smooth=False,
+    return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, smooth=False,
                           rotate=True, nsamples=8, seqlen=64)
 
 

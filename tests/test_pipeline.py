@@ -12,14 +12,6 @@ from offline.gptq import Hessian, gptq
 from offline.grid import Grid
 from offline.quantize import main, quantize_model
 from offline.smooth import fold_into_linear, fold_into_norm, search_scales
-from offline.tiny_model import corpus
-
-
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("\n".join(corpus(300, seed=1)))
-    return path
 
 
 def test_smoothing_folds_preserve_the_float_model(tiny_fp16):

@@ -172,16 +172,15 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
 
 
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
-def test_other_architectures_match_fake_quant(tmp_path, arch, group_size):
+def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
     """The other architectures qqq-quantize takes, through the calibrated pipeline of each group
     size (g128: rotation + GPTQ; per-channel: smoothing + GPTQ) and vLLM: Qwen2 with its q/k/v
     biases (stored beside B, added in the epilogue), Qwen3 with its per-head q/k norms, Mistral.
     Greedy tokens must be the fake-quant model's, as for Llama."""
     from offline.quantize import quantize_model
-    from offline.tiny_model import corpus, make_tiny_llama
+    from offline.tiny_model import make_tiny_llama
     src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
-    (tmp_path / "calib.txt").write_text("\n".join(corpus(300, seed=1)))
-    ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=tmp_path / "calib.txt",
+    ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=calib_text,
                           nsamples=8, seqlen=64)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -216,11 +215,15 @@ def lora_adapter(qqq_dir, out_dir):
     rank, alpha = 8, 16
     gen = torch.Generator().manual_seed(3)
     adapter = {}
-    for i in range(config["num_hidden_layers"]):
+    model = load_fake_quant_model(qqq_dir, torch.float32)
+    for i, layer in enumerate(model.model.layers):
         for name, (k, n) in shapes.items():
             p = f"base_model.model.model.layers.{i}.{name}"
-            adapter[f"{p}.lora_A.weight"] = torch.randn(rank, k, generator=gen) / k ** 0.5
-            adapter[f"{p}.lora_B.weight"] = torch.randn(n, rank, generator=gen) / rank ** 0.5
+            a = adapter[f"{p}.lora_A.weight"] = torch.randn(rank, k, generator=gen) / k ** 0.5
+            b = adapter[f"{p}.lora_B.weight"] = torch.randn(n, rank, generator=gen) / rank ** 0.5
+            parent, child = name.split(".")
+            module = layer.get_submodule(parent)
+            setattr(module, child, _WithLoRA(getattr(module, child), a, b, alpha / rank))
     out_dir.mkdir()
     save_file(adapter, str(out_dir / "adapter_model.safetensors"))
     (out_dir / "adapter_config.json").write_text(json.dumps({
@@ -228,14 +231,6 @@ def lora_adapter(qqq_dir, out_dir):
         "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "target_modules": [name.split(".")[1] for name in shapes],
         "base_model_name_or_path": str(qqq_dir)}))
-    model = load_fake_quant_model(qqq_dir, torch.float32)
-    for i, layer in enumerate(model.model.layers):
-        for name in shapes:
-            p = f"base_model.model.model.layers.{i}.{name}"
-            parent, child = name.split(".")
-            module = layer.get_submodule(parent)
-            setattr(module, child, _WithLoRA(getattr(module, child), adapter[f"{p}.lora_A.weight"],
-                                             adapter[f"{p}.lora_B.weight"], alpha / rank))
     return out_dir, model
 
 
