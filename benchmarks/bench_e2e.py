@@ -182,6 +182,10 @@ VARIANTS = {
     "_kernel_quant": {"VLLM_QQQ_COMPILED_QUANT": "0"},  # our quantization kernel (vllm_qqq.ops)
     "_pdl": {"TORCHINDUCTOR_ENABLE_PDL": "1"},  # Inductor's kernels as programmatic launches
     "_plain_inductor": {"VLLM_QQQ_INDUCTOR_PDL": "0"},  # the plugin leaves Inductor's default
+    # vLLM's compile_sizes: Inductor also compiles batches 1 and 16 with static shapes. With the
+    # batch symbolic, a one-row norm or SiLU-mul reduction (with the quantization fused) runs as
+    # one program on one SM; with M = 1 known, Inductor may split it over many.
+    "_compile_small": {"BENCH_COMPILE_SIZES": "1,16"},
 }
 
 
@@ -200,10 +204,13 @@ def run_format(model: str, quantization: str | None, batches, eager: bool,
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    compilation = {"cudagraph_capture_sizes": capture_sizes} if capture_sizes else None
+    compilation = {"cudagraph_capture_sizes": capture_sizes} if capture_sizes else {}
+    if os.environ.get("BENCH_COMPILE_SIZES"):
+        sizes = os.environ["BENCH_COMPILE_SIZES"].split(",")
+        compilation["compile_sizes"] = [int(b) for b in sizes]
     llm = LLM(model, quantization=quantization, skip_tokenizer_init=True, max_model_len=2048,
               max_num_seqs=256, gpu_memory_utilization=0.85, attention_backend="TRITON_ATTN",
-              seed=0, enforce_eager=eager, compilation_config=compilation)
+              seed=0, enforce_eager=eager, compilation_config=compilation or None)
     cc = llm.llm_engine.vllm_config.compilation_config
     print(f"compilation mode {cc.mode}, cudagraph mode {cc.cudagraph_mode}, "
           f"engine ready in {time.perf_counter() - start:.0f} s", flush=True)

@@ -60,6 +60,7 @@ for step in "$@"; do
       mkdir -p /tmp/e2e
       python3 benchmarks/bench_e2e.py --workdir /tmp/e2e --layers "${E2E_LAYERS:-32}" \
         --formats "${E2E_FORMATS:-fp16,w8a8,w4a16,qqq_channel,qqq_g128}" \
+        --batches "${E2E_BATCHES:-1,16,64,256}" \
         --json /tmp/e2e/e2e_$gpu.json --append 2>&1 | tee -a /tmp/e2e/bench_e2e.log | tail -30
       cp /tmp/e2e/e2e_$gpu.json /tmp/e2e/bench_e2e.log "$out/"
       ;;

@@ -50,6 +50,7 @@ def test_timeline_busy_plus_idle_is_the_span_and_busy_the_union():
     ("qqq_g128_pdl_plain_inductor", ("qqq_g128", {"TORCHINDUCTOR_ENABLE_PDL": "1",
                                                  "VLLM_QQQ_INDUCTOR_PDL": "0"})),
     ("fp16", ("fp16", {})),
+    ("fp16_compile_small", ("fp16", {"BENCH_COMPILE_SIZES": "1,16"})),
 ])
 def test_split_variants_takes_the_suffixes_off_the_format(name, expected):
     assert split_variants(name) == expected
