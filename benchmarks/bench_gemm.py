@@ -105,9 +105,9 @@ def setup_qqq_split_cap(splits):
     return setup_qqq_switched(lambda c: c.set_split_cap(splits), lambda c: c.set_split_cap(0))
 
 
-def setup_qqq_tile(bm, stages, producer_warp=False, group=-1):
+def setup_qqq_tile(bm, stages, producer_warp=False, group=-1, warpgroups=2):
     def force(c):
-        c.set_wgmma_tile(bm, stages, producer_warp)
+        c.set_wgmma_tile(bm, stages, producer_warp, warpgroups)
         c.set_wgmma_min_m(1)
 
     def restore(c):
@@ -222,6 +222,11 @@ IMPLS = {
     "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
     "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, True),
     "qqq_g128_tile_tma_256x4": setup_qqq_tile(256, 4, True, group=128),
+    # 192 channels a CTA (3 math warpgroups), for where 128-channel tiles leave the last wave
+    # mostly idle: qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256 128 x 192 tiles.
+    "qqq_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, warpgroups=3),
+    "qqq_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, warpgroups=3),
+    "qqq_g128_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, group=128, warpgroups=3),
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

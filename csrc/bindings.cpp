@@ -63,7 +63,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n"),
       "(counters kept zeroed, split-K partial entries) the GEMM needs for N (ops.workspace).");
   m.def("set_wgmma_tile", &qqq::set_wgmma_tile, py::arg("bm"), py::arg("stages"),
-        py::arg("producer_warp") = false,
+        py::arg("producer_warp") = false, py::arg("warpgroups") = 2,
         "Tuning/tests: force the Hopper kernel's tile (bm tokens x stages, loads by all threads "
-        "or a producer warp); bm = 0: by M.");
+        "or a producer warp, warpgroups x 64 channels); bm = 0: by M.");
 }

@@ -97,7 +97,8 @@ void set_pdl(bool on);
 // before it (it waits for that kernel before reading x; sm_90+; default on).
 void set_quant_pdl(bool on);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the loads by every thread
-// (cp.async) or by a producer (the copy engine); bm = 0: chosen by M.
-void set_wgmma_tile(int bm, int stages, bool producer_warp);
+// (cp.async) or by a producer (the copy engine), warpgroups x 64 channels (2, or 3 for the
+// producer tiles 64 x 8 and 128 x 5); bm = 0: chosen by M.
+void set_wgmma_tile(int bm, int stages, bool producer_warp, int warpgroups);
 
 }  // namespace qqq

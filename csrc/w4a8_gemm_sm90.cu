@@ -48,19 +48,24 @@ namespace qqq {
 namespace sm90 {
 
 constexpr int kBK = 128;
-constexpr int kWarpgroups = 2;
-constexpr int kThreads = kWarpgroups * 128;
-constexpr int kBN = kWarpgroups * 64;  // output channels per CTA
+// Math warpgroups per CTA, 64 output channels each: 2 by default. 3 (192 channels, producer
+// tiles only) is a candidate where the 128-channel tiles leave a last wave mostly idle: qkv at
+// M = 1024 is 192 256-token tiles on 132 SMs, but 256 128-token tiles of 192 channels.
+constexpr int kDefaultWarpgroups = 2;
 
 // BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
 // STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
 // fills the ring with the copy engine, ahead as far as the slots the math warps have released.
-template <int BM, int STAGES, bool TMA>
+// WG math warpgroups (THREADS threads) compute BN output channels.
+template <int BM, int STAGES, bool TMA, int WG>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
+  static_assert(WG == 2 || (WG == 3 && TMA), "3 warpgroups with the producer only");
+  static constexpr int THREADS = WG * 128;
+  static constexpr int BN = WG * 64;
   static constexpr int X_BYTES = BM * kBK;
-  static constexpr int W_BYTES = (kBK / 32) * (kBN / 8) * 32 * 4;
-  static constexpr int S_BYTES = kBN * 2;
+  static constexpr int W_BYTES = (kBK / 32) * (BN / 8) * 32 * 4;
+  static constexpr int S_BYTES = BN * 2;
   // Each stage starts 1024-byte aligned: the swizzle pattern wgmma expects is anchored there.
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + 1023) / 1024 * 1024;
   // One CTA per SM with the producer (not the 64-token tile of 6 slots, two CTAs per SM): such
@@ -71,7 +76,7 @@ struct Tile {
   // time (16-byte rows 144 bytes apart: stmatrix's eight rows fall in different banks).
   static constexpr int ROUND_TOKENS = BM < 128 ? BM : 128;
   static constexpr int OUT_PITCH = 64 * 2 + 16;
-  static constexpr int STAGING_BYTES = kWarpgroups * ROUND_TOKENS * OUT_PITCH;
+  static constexpr int STAGING_BYTES = WG * ROUND_TOKENS * OUT_PITCH;
   static constexpr int STAGING_OFFSET = PERSISTENT ? STAGES * STAGE_BYTES : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + (PERSISTENT ? STAGING_BYTES : 0) + 1024;
   static_assert(SMEM_BYTES <= 227 * 1024, "fits the H100's shared memory per CTA");
@@ -91,18 +96,22 @@ __device__ __forceinline__ void by_parity(int iters, Step& step) {
   if (it < iters) step(std::integral_constant<int, 0>{}, it);
 }
 
-// The producer after the two math warpgroups (TMA): one warp, or a whole warpgroup where the math
-// warpgroups need more registers than an even share (the 256-token tile with the weights in
-// registers: 128 accumulators + 32 weight registers per thread), which the producer warpgroup
-// then gives up (setmaxnreg works per warpgroup).
-template <bool TMA, int BM>
-constexpr int kProducerThreads = !TMA ? 0 : (BM == 256 ? 128 : 32);
-template <bool TMA, int BM>
-constexpr bool kMoveRegisters = kProducerThreads<TMA, BM> == 128;
+// The producer after the math warpgroups (TMA): one warp, or a whole warpgroup where the math
+// warpgroups need more registers than an even share, which the producer warpgroup then gives up
+// (setmaxnreg works per warpgroup): the 256-token tile (128 accumulators + 32 weight registers
+// per thread; 232 registers) and three math warpgroups (152: with a producer warp, 13 warps,
+// ptxas held the kernel to 128 registers and serialized the 128-token tile's wgmmas, C7512).
+template <bool TMA, int BM, int WG>
+constexpr int kProducerThreads = !TMA ? 0 : (BM == 256 || WG == 3 ? 128 : 32);
+template <bool TMA, int BM, int WG>
+constexpr bool kMoveRegisters = kProducerThreads<TMA, BM, WG> == 128;
+template <int WG>
+constexpr int kMathRegisters = WG == 2 ? 232 : 152;  // 40 for the producer warpgroup: <= 64 K
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA>
-__global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
-                                  Tile<BM, STAGES, TMA>::PERSISTENT ? 1 : 2)
+template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
+__global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
+                                      kProducerThreads<TMA, BM, WG>,
+                                  Tile<BM, STAGES, TMA, WG>::PERSISTENT ? 1 : 2)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
@@ -110,8 +119,8 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
                            int* __restrict__ ws_partial, int* __restrict__ ws_count,
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = Tile<BM, STAGES, TMA>;
-  constexpr int kStages = STAGES;
+  using T = Tile<BM, STAGES, TMA, WG>;
+  constexpr int kStages = STAGES, kThreads = T::THREADS, kBN = T::BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -203,10 +212,11 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
     wgmma_commit();
     pin_registers(acc);
   };
-  // A barrier of the threads that run the epilogue (with TMA the producer warp has left).
+  // A barrier of the threads that run the epilogue (with TMA the producer warp has left): named
+  // barrier WG + 1, after the warpgroups' own 1 .. WG.
   auto sync_math = [] {
     if constexpr (TMA) {
-      asm volatile("bar.sync 3, %0;\n" ::"n"(kThreads) : "memory");
+      asm volatile("bar.sync %0, %1;\n" ::"n"(WG + 1), "n"(kThreads) : "memory");
     } else {
       __syncthreads();
     }
@@ -323,7 +333,7 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
     }
     __syncthreads();
     if (warp >= kThreads / 32) {
-      if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<false, 40>();
+      if constexpr (kMoveRegisters<TMA, BM, WG>) set_max_registers<false, 40>();
       if (warp == kThreads / 32 && lane == 0) {
         const int n8_tiles = n / 8;
         int j = 0;
@@ -369,9 +379,9 @@ __global__ void __launch_bounds__(kThreads + kProducerThreads<TMA, BM>,
           return true;
         });
       }
-      return;  // the math warps alone run the epilogue (named barriers 1-3)
+      return;  // the math warps alone run the epilogue (named barriers 1 .. WG + 1)
     }
-    if constexpr (kMoveRegisters<TMA, BM>) set_max_registers<true, 232>();
+    if constexpr (kMoveRegisters<TMA, BM, WG>) set_max_registers<true, kMathRegisters<WG>>();
     wait_for_prior_grid();  // before reading a_scale and the workspace
     int j = 0;
     for_each_tile([&](int t, int n0, int m0) {
@@ -470,14 +480,14 @@ static CUtensorMap activation_map(const int8_t* a, int m, int k, int bm) {
   return map;
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA>
+template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA>;
-  using T = Tile<BM, STAGES, TMA>;
-  constexpr int smem = T::SMEM_BYTES;
-  constexpr int threads = kThreads + kProducerThreads<TMA, BM>;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA, WG>;
+  using T = Tile<BM, STAGES, TMA, WG>;
+  constexpr int smem = T::SMEM_BYTES, kBN = T::BN;
+  constexpr int threads = T::THREADS + kProducerThreads<TMA, BM, WG>;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
@@ -521,10 +531,11 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // A 128-token tile with more tiles than SMs loads with cp.async, two CTAs per SM (four warpgroups
 // take turns on the tensor cores: gate_up M = 128 51.9 -> 39.9 us), every other tile with the
 // producer.
-static int forced_bm = 0, forced_stages = 0;
+static int forced_bm = 0, forced_stages = 0, forced_warpgroups = 0;
 static bool forced_tma = false;
 
 static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool& tma) {
+  constexpr int kBN = kDefaultWarpgroups * 64;
   const int n_tiles = (n + kBN - 1) / kBN;
   auto tiles = [&](int tile) { return n_tiles * ((m + tile - 1) / tile); };
   auto ctas = [&](int tile) {
@@ -552,22 +563,30 @@ template <typename Out, bool GROUPED>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
-  int bm = forced_bm, stages = forced_stages;
+  int bm = forced_bm, stages = forced_stages, wg = kDefaultWarpgroups;
   bool tma = forced_tma;
-  if (bm == 0) choose_tile(m, n, k, sms, bm, stages, tma);
-#define QQQ_TILE(BM_, STAGES_, TMA_)                                                           \
-  if (bm == BM_ && stages == STAGES_ && tma == TMA_) {                                         \
-    return launch<Out, BM_, STAGES_, GROUPED, TMA_>(a, a_scale, b, scale, group, bias, out, m, n, \
-                                                    k, ws_partial, ws_count, sms, pdl, stream);   \
+  if (bm == 0) {
+    choose_tile(m, n, k, sms, bm, stages, tma);
+  } else if (forced_warpgroups > 0) {
+    wg = forced_warpgroups;
   }
-  QQQ_TILE(64, 6, true)
-  QQQ_TILE(64, 8, true)
-  QQQ_TILE(128, 4, false)
-  QQQ_TILE(128, 6, true)
-  QQQ_TILE(256, 4, true)
+#define QQQ_TILE(BM_, STAGES_, TMA_, WG_)                                                        \
+  if (bm == BM_ && stages == STAGES_ && tma == TMA_ && wg == WG_) {                              \
+    return launch<Out, BM_, STAGES_, GROUPED, TMA_, WG_>(a, a_scale, b, scale, group, bias, out, \
+                                                         m, n, k, ws_partial, ws_count, sms, pdl, \
+                                                         stream);                                 \
+  }
+  QQQ_TILE(64, 6, true, 2)
+  QQQ_TILE(64, 8, true, 2)
+  QQQ_TILE(128, 4, false, 2)
+  QQQ_TILE(128, 6, true, 2)
+  QQQ_TILE(256, 4, true, 2)
+  QQQ_TILE(64, 8, true, 3)
+  QQQ_TILE(128, 5, true, 3)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
-                              std::to_string(stages) + " stages" + (tma ? " (producer warp)" : ""));
+                              std::to_string(stages) + " stages" + (tma ? " (producer warp)" : "") +
+                              " x " + std::to_string(wg) + " warpgroups");
 }
 
 }  // namespace sm90
@@ -581,7 +600,8 @@ bool wgmma_available() {
     // The kernel must come from the sm_90a build, not be JIT-compiled from older PTX (a build
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false>) !=
+    if (cudaFuncGetAttributes(&attr,
+                              sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false, 2>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -591,10 +611,11 @@ bool wgmma_available() {
   return yes;
 }
 
-void set_wgmma_tile(int bm, int stages, bool producer_warp) {
+void set_wgmma_tile(int bm, int stages, bool producer_warp, int warpgroups) {
   sm90::forced_bm = bm;
   sm90::forced_stages = stages;
   sm90::forced_tma = producer_warp;
+  sm90::forced_warpgroups = warpgroups;
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,

@@ -17,7 +17,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 # 128, 200, 257: the wgmma kernel's token tiles (64, 128, 256) full and partial.
 M_ALL = [1, 2, 7, 9, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
-WGMMA_TILES = [(64, 6, True), (64, 8, True), (128, 4, False), (128, 6, True), (256, 4, True)]
+# (tokens, stages, producer warp, warpgroups of 64 channels)
+WGMMA_TILES = [(64, 6, True, 2), (64, 8, True, 2), (128, 4, False, 2), (128, 6, True, 2),
+               (256, 4, True, 2), (64, 8, True, 3), (128, 5, True, 3)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
@@ -92,14 +94,15 @@ def test_mma_kernel_above_16_matches_reference(shape, m, g):
 
 
 @pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("bm,stages,producer_warp", WGMMA_TILES)
-def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, g):
+@pytest.mark.parametrize("bm,stages,producer_warp,warpgroups", WGMMA_TILES)
+def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroups, g):
     """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
-    split-K and not, a partial N tile), not only where the dispatch picks it."""
+    split-K and not, a partial N tile: of 192-channel tiles, llama3_o's last holds 64 channels),
+    not only where the dispatch picks it."""
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
-    _C.set_wgmma_tile(bm, stages, producer_warp)
+    _C.set_wgmma_tile(bm, stages, producer_warp, warpgroups)
     _C.set_wgmma_min_m(1)
     try:
         for shape, m in (("llama3_qkv", 1), ("llama3_down", 50), ("small_partial_n", 130),
