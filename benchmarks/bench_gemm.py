@@ -215,6 +215,11 @@ IMPLS = {
     **{f"qqq_{name}_narrow_s{st}": setup_qqq_switched(
         lambda c, st=st: c.set_narrow_stages(st), lambda c: c.set_narrow_stages(0), group)
        for st in (2, 3, 4, 6) for name, group in (("channel", -1), ("g128", 128))},
+    # The narrow kernel with 16 channels per CTA (twice the CTAs of the default 32), at M <= 16.
+    **{f"qqq_{name}_narrow_c16": setup_qqq_switched(
+        lambda c: (c.set_narrow(1), c.set_narrow_channels(16)),
+        lambda c: (c.set_narrow(-1), c.set_narrow_channels(0)), group)
+       for name, group in (("channel", -1), ("g128", 128))},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

@@ -80,6 +80,8 @@ inline bool narrow_default(int k, int n, bool grouped) { return !grouped || !lar
 void set_narrow(int mode);
 // Tuning: the narrow kernel's ring depth, 2, 3, 4 or 6 stages of 1024 k (0: by the rule).
 void set_narrow_stages(int stages);
+// Tuning: the narrow kernel's channels per CTA, 16 or 32 (0: 32, the default).
+void set_narrow_channels(int channels);
 
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
 bool wgmma_available();

@@ -5,6 +5,10 @@
 // partial tiles in shared memory. N / 32 CTAs (qkv 192, o and down 128 on the Llama-3-8B
 // shapes) each stream their 32 channels over all of K. Which M <= 16 calls come here:
 // narrow_default (kernels.h).
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
 #include "common.cuh"
 #include "decode.cuh"
 #include "kernels.h"
@@ -16,7 +20,11 @@ namespace {
 
 constexpr int kNarrowThreads = 256;
 constexpr int kNarrowWarps = kNarrowThreads / 32;
-constexpr int kNarrowBN = 32;   // channels per CTA: 4 n8 tiles
+// Channels per CTA: 32 (4 n8 tiles) by default; 16 is a candidate for g128, whose decode makes
+// the loop issue-bound: twice the CTAs, so more warps per SM (down: 128 CTAs of 32 channels
+// leave one CTA, 2 warps per scheduler, on each SM) and an even load (qkv: 192 CTAs on 132 SMs
+// put two on 60 of them; 384 put 2-3 on every SM).
+constexpr int kNarrowBN = 32;
 constexpr int kNarrowBM = 16;   // tokens: one m16 tile
 // Ring depth: 3 stages (2 CTAs per SM) where the N tiles outnumber the SMs; where they do not
 // (one CTA per SM either way), a deeper ring keeps more bytes in flight: 4 stages up to K = 4096
@@ -27,47 +35,58 @@ constexpr int kNarrowStages = 3;
 constexpr int kNarrowDeepStages = 4;
 constexpr int kNarrowDeeperStages = 6;
 constexpr int kBlockK = 128;    // one warp's k block per stage
-constexpr int kNarrowNT = kNarrowBN / 8;
-// Each half of the CTA (128 threads) copies 4 of a stage's 8 k blocks, one after the other.
-constexpr int kCopyThreads = 128;
-constexpr int kBlocksPerHalf = kNarrowWarps / 2;
 
-// One k block's slot: activations [16 rows][128 bytes] (swizzled), weights [4 k32][4 n8][32
-// words], the block's group scales [32 channels].
-constexpr int kSlotA = kNarrowBM * kBlockK;
-constexpr int kSlotB = (kBlockK / 32) * kNarrowNT * 32 * 4;
-constexpr int kSlotS = kNarrowBN * 2;
-constexpr int kSlotBytes = kSlotA + kSlotB + kSlotS;
-constexpr int kStageBytes = kNarrowWarps * kSlotBytes;
-static_assert(kNarrowWarps * kNarrowNT * 4 * 32 * 4 <= 2 * kStageBytes, "reduction fits the ring");
-// CTAs per SM for a ring of STAGES (shared memory: 33 KB a stage of 228 KB per SM).
-template <int STAGES>
-constexpr int kNarrowCtasPerSm = STAGES <= 2 ? 3 : (STAGES == 3 ? 2 : 1);
-static_assert(6 * kStageBytes + 1024 <= 227 * 1024, "6 stages fit one SM");
+// The layout for NB channels per CTA. Copy groups of COPY_THREADS threads (128 for 32 channels,
+// 64 for 16: a k block's weights are then 64 16-byte pieces) each copy BLOCKS_PER_GROUP of a
+// stage's 8 k blocks, one after the other. One k block's slot: activations [16 rows][128 bytes]
+// (swizzled), weights [4 k32][NB / 8 n8][32 words], the block's group scales [NB channels].
+template <int NB>
+struct Narrow {
+  static constexpr int NT = NB / 8;
+  static constexpr int COPY_THREADS = NB == 32 ? 128 : 64;
+  static constexpr int BLOCKS_PER_GROUP = kNarrowWarps / (kNarrowThreads / COPY_THREADS);
+  static constexpr int SLOT_A = kNarrowBM * kBlockK;
+  static constexpr int SLOT_B = (kBlockK / 32) * NT * 32 * 4;
+  static constexpr int SLOT_BYTES = SLOT_A + SLOT_B + NB * 2;
+  static constexpr int STAGE_BYTES = kNarrowWarps * SLOT_BYTES;
+  static_assert(kNarrowWarps * NT * 4 * 32 * 4 <= 2 * STAGE_BYTES, "reduction fits the ring");
+  static_assert(6 * STAGE_BYTES + 1024 <= 227 * 1024, "6 stages fit one SM");
+};
+// CTAs per SM for a ring of STAGES (shared memory: 33 KB a stage for 32 channels, 24 KB for 16),
+// at most 3.
+template <int NB, int STAGES>
+constexpr int kNarrowCtasPerSm =
+    std::min(3, (227 * 1024) / (STAGES * Narrow<NB>::STAGE_BYTES + 1024));
 
-template <typename Out, bool GROUPED, int STAGES>
-__global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
+template <typename Out, bool GROUPED, int STAGES, int NB>
+__global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     w4a8_narrow_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                        const uint32_t* __restrict__ b, const float* __restrict__ scale,
                        const half* __restrict__ group, const Out* __restrict__ bias,
                        Out* __restrict__ out, int m, int n, int k) {
+  using L = Narrow<NB>;
+  constexpr int kNarrowNT = L::NT, kSlotA = L::SLOT_A, kSlotB = L::SLOT_B;
+  constexpr int kBlocksPerGroup = L::BLOCKS_PER_GROUP;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int n0 = blockIdx.x * kNarrowBN;
+  const int n0 = blockIdx.x * NB;
   const int kblocks = k / kBlockK;
   const int iters = (kblocks + kNarrowWarps - 1) / kNarrowWarps;
-  auto slot = [&](int stage, int block) { return smem + stage * kStageBytes + block * kSlotBytes; };
+  auto slot = [&](int stage, int block) {
+    return smem + stage * L::STAGE_BYTES + block * L::SLOT_BYTES;
+  };
 
-  // This thread copies k blocks half * 4 .. half * 4 + 3 of every stage.
-  const int half_id = tid / kCopyThreads;
-  StageCopies<kNarrowBM, kCopyThreads, kNarrowBN, GROUPED> copies(
-      a, b, group, m, n, k, 0, n0, half_id * kBlocksPerHalf, tid % kCopyThreads);
-  // Stage `it`'s k blocks of this half into its ring slot. The copies advance one k block per
-  // copy; past the stage's 4 they skip the other half's.
+  // This thread copies k blocks copy_group * kBlocksPerGroup .. + kBlocksPerGroup - 1 of every
+  // stage.
+  const int copy_group = tid / L::COPY_THREADS;
+  StageCopies<kNarrowBM, L::COPY_THREADS, NB, GROUPED> copies(
+      a, b, group, m, n, k, 0, n0, copy_group * kBlocksPerGroup, tid % L::COPY_THREADS);
+  // Stage `it`'s k blocks of this copy group into its ring slots. The copies advance one k block
+  // per copy; past the group's blocks of the stage they skip the other groups'.
   auto load = [&](int it, bool activations) {
 #pragma unroll
-    for (int j = 0; j < kBlocksPerHalf; j++) {
-      const int block = half_id * kBlocksPerHalf + j;
+    for (int j = 0; j < kBlocksPerGroup; j++) {
+      const int block = copy_group * kBlocksPerGroup + j;
       uint8_t* s = slot(it % STAGES, block);
       if (it * kNarrowWarps + block < kblocks) {
         if (activations) {
@@ -78,21 +97,27 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
         }
       }
     }
+    constexpr int kSkip = kNarrowWarps - kBlocksPerGroup;
     if (activations) {
-      copies.a_src += kBlocksPerHalf * kBlockK;
+      copies.a_src += kSkip * kBlockK;
     } else {
-      copies.w_src += static_cast<size_t>(kBlocksPerHalf) * (kBlockK / 32) * copies.n8_tiles * 32;
-      if constexpr (GROUPED) copies.g_src += static_cast<size_t>(kBlocksPerHalf) * n;
+      copies.w_src += static_cast<size_t>(kSkip) * (kBlockK / 32) * copies.n8_tiles * 32;
+      if constexpr (GROUPED) copies.g_src += static_cast<size_t>(kSkip) * n;
     }
   };
 
   // Epilogue operands first (thread t writes channels j = t / 64, rows h = (t / 32) % 2 of the
-  // fragment pairs of `lane`), so that the end of the kernel waits for the sums alone.
+  // fragment pairs of `lane`; with 16 channels, threads 0-127 alone), so that the end of the
+  // kernel waits for the sums alone.
   const int out_j = tid / 64, out_h = (tid / 32) % 2;
+  const bool out_thread = NB == 32 || out_j < kNarrowNT;
   const int out_row = lane / 4 + out_h * 8;
   const int out_col = n0 + out_j * 8 + (lane % 4) * 2;
-  const float2 out_sc = *reinterpret_cast<const float2*>(scale + out_col);
-  const float2 out_bs = bias_pair(bias, out_col);
+  float2 out_sc = make_float2(0.f, 0.f), out_bs = make_float2(0.f, 0.f);
+  if (out_thread) {
+    out_sc = *reinterpret_cast<const float2*>(scale + out_col);
+    out_bs = bias_pair(bias, out_col);
+  }
 
   int acc[kNarrowNT][4] = {};
   // Weights of the first stages before waiting for the kernel that wrote the activations.
@@ -155,6 +180,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
 #pragma unroll
     for (int e = 0; e < 4; e++) red[((warp * kNarrowNT + j) * 4 + e) * 32 + lane] = acc[j][e];
   __syncthreads();
+  if (!out_thread) return;
   int v0 = 0, v1 = 0;
 #pragma unroll
   for (int w = 0; w < kNarrowWarps; w++) {
@@ -165,30 +191,41 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<STAGES>)
   store_scaled_pair(out, n, out_row, out_col, v0, v1, out_ts, out_sc, out_bs, bias != nullptr);
 }
 
-template <typename Out, bool GROUPED, int STAGES>
+template <typename Out, bool GROUPED, int STAGES, int NB>
 void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k, bool pdl,
                    cudaStream_t stream) {
-  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED, STAGES>;
-  constexpr int smem = STAGES * kStageBytes;
+  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED, STAGES, NB>;
+  constexpr int smem = STAGES * Narrow<NB>::STAGE_BYTES;
   allow_smem<kernel, smem>();
-  launch_kernel(kernel, dim3(n / kNarrowBN), dim3(kNarrowThreads), smem, stream, pdl,
+  launch_kernel(kernel, dim3(n / NB), dim3(kNarrowThreads), smem, stream, pdl,
                 "w4a8_gemm narrow launch", a, a_scale, b, scale, group,
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k);
 }
 
-template <typename Out, bool GROUPED>
+template <typename Out, bool GROUPED, int NB>
 void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, const uint32_t* b,
                           const float* scale, const half* group, const void* bias, void* out,
                           int m, int n, int k, bool pdl, cudaStream_t stream) {
-  const auto launch = stages == 2   ? launch_narrow<Out, GROUPED, 2>
-                      : stages == 4 ? launch_narrow<Out, GROUPED, kNarrowDeepStages>
-                      : stages == 6 ? launch_narrow<Out, GROUPED, kNarrowDeeperStages>
-                                    : launch_narrow<Out, GROUPED, kNarrowStages>;
+  const auto launch = stages == 2   ? launch_narrow<Out, GROUPED, 2, NB>
+                      : stages == 4 ? launch_narrow<Out, GROUPED, kNarrowDeepStages, NB>
+                      : stages == 6 ? launch_narrow<Out, GROUPED, kNarrowDeeperStages, NB>
+                                    : launch_narrow<Out, GROUPED, kNarrowStages, NB>;
   launch(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
-int narrow_stages = 0;  // set_narrow_stages; 0: by the rule above
+template <typename Out, bool GROUPED>
+void launch_narrow_channels(int channels, int stages, const int8_t* a, const float* a_scale,
+                            const uint32_t* b, const float* scale, const half* group,
+                            const void* bias, void* out, int m, int n, int k, bool pdl,
+                            cudaStream_t stream) {
+  (channels == 16 ? launch_narrow_stages<Out, GROUPED, 16>
+                  : launch_narrow_stages<Out, GROUPED, kNarrowBN>)(
+      stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+}
+
+int narrow_stages = 0;    // set_narrow_stages; 0: by the rule above
+int narrow_channels = 0;  // set_narrow_channels; 0: kNarrowBN
 
 }  // namespace
 
@@ -196,25 +233,33 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                       const float* scale, const half* group, const void* bias, void* out,
                       int out_dtype, int m, int n, int k, int sms, bool pdl,
                       cudaStream_t stream) {
-  if (m > kNarrowBM || n % kNarrowBN || k % kBlockK) {
-    throw std::invalid_argument("vllm_qqq: the narrow W4A8 kernel takes M <= 16, N % 32 == 0, "
-                                "K % 128 == 0");
+  const int channels = narrow_channels > 0 ? narrow_channels : kNarrowBN;
+  if (m > kNarrowBM || n % channels || k % kBlockK) {
+    throw std::invalid_argument("vllm_qqq: the narrow W4A8 kernel takes M <= 16, N % " +
+                                std::to_string(channels) + " == 0, K % 128 == 0");
   }
   const bool grouped = group != nullptr;
-  const int stages = narrow_stages > 0       ? narrow_stages
-                     : n / kNarrowBN > sms   ? kNarrowStages
-                     : k <= 4096             ? kNarrowDeepStages
-                                             : kNarrowDeeperStages;
+  const int stages = narrow_stages > 0      ? narrow_stages
+                     : n / channels > sms   ? kNarrowStages
+                     : k <= 4096            ? kNarrowDeepStages
+                                            : kNarrowDeeperStages;
   if (out_dtype == kFloat16) {
-    (grouped ? launch_narrow_stages<half, true> : launch_narrow_stages<half, false>)(
-        stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    (grouped ? launch_narrow_channels<half, true> : launch_narrow_channels<half, false>)(
+        channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   } else {
-    (grouped ? launch_narrow_stages<__nv_bfloat16, true>
-             : launch_narrow_stages<__nv_bfloat16, false>)(
-        stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    (grouped ? launch_narrow_channels<__nv_bfloat16, true>
+             : launch_narrow_channels<__nv_bfloat16, false>)(
+        channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
   }
 }
 
 void set_narrow_stages(int stages) { narrow_stages = stages; }
+
+void set_narrow_channels(int channels) {
+  if (channels != 0 && channels != 16 && channels != 32) {
+    throw std::invalid_argument("vllm_qqq: the narrow kernel takes 16 or 32 channels per CTA");
+  }
+  narrow_channels = channels;
+}
 
 }  // namespace qqq

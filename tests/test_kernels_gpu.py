@@ -135,12 +135,15 @@ def test_small_m_kernels_either_way_match_reference(mode, g):
 
 @pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])
-def test_narrow_ring_depths_match_reference(stages, g):
+@pytest.mark.parametrize("channels", [32, 16])
+def test_narrow_ring_depths_match_reference(channels, stages, g):
     """Each ring depth of the narrow kernel forced (the rule picks 3, 4 or 6 by shape; 2 is a
-    tuning option): K shorter and longer than the ring, partial last stages."""
+    tuning option), with 32 channels per CTA (the default) and 16: K shorter and longer than the
+    ring, partial last stages."""
     from vllm_qqq import _C
     _C.set_narrow(1)
     _C.set_narrow_stages(stages)
+    _C.set_narrow_channels(channels)
     try:
         for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("small_partial_n", 1),
                          ("wide_partial_n", 9)):
@@ -148,6 +151,7 @@ def test_narrow_ring_depths_match_reference(stages, g):
     finally:
         _C.set_narrow(-1)
         _C.set_narrow_stages(0)
+        _C.set_narrow_channels(0)
 
 
 @pytest.mark.parametrize("g", [-1, 128])
