@@ -28,7 +28,7 @@ from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_source_dtyp
                                 read_config, write_checkpoint)
 from offline.grid import rtn
 from offline.pipeline import quantize_layers
-from offline.rotate import rotate_ends, rotate_layer, rotations
+from offline.rotate import ROTATIONS, rotate_ends, rotate_layer, rotations
 from vllm_qqq.format import FormatError, check_shape, pack
 
 log = logging.getLogger("qqq-quantize")
@@ -49,7 +49,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    calib: Path | None = None, smooth: bool = True, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
                    seed: int = 0, rotate: bool = False, rotate_heads: bool = False,
-                   clip: bool = False) -> Path:
+                   clip: bool = False, rotation: str = "orthogonal") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = read_config(model_dir)
@@ -71,7 +71,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     # (host memory ~2 bytes a parameter, not 4 + 2).
     prepare = None
     if rotate:
-        q, r = rotations(model.config, seed, heads=rotate_heads)
+        q, r = rotations(model.config, seed, heads=rotate_heads, kind=rotation)
         rotate_ends(model, q)
         prepare = partial(rotate_layer, q=q, r=r)
         config = dict(config, tie_word_embeddings=False)  # rotation unties lm_head
@@ -101,6 +101,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     out = write_checkpoint(out_dir, state, config, group_size, model_dir,
                            extra={"smooth": bool(calibrated and smooth),
                                   "gptq": bool(calibrated and gptq), "rotate": rotate,
+                                  "rotation": rotation if rotate else None,
                                   "rotate_heads": bool(rotate and rotate_heads),
                                   "calibration": f"{nsamples} x {seqlen}" if calibrated else None})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="rotate the residual stream (weights only; default: on with --calib "
                              "and --group-size 128 unless --smooth is given)")
+    parser.add_argument("--rotation", choices=ROTATIONS, default="orthogonal",
+                        help="the residual stream's rotation: a random orthogonal matrix or a "
+                             "Hadamard matrix with random signs (default orthogonal)")
     parser.add_argument("--rotate-heads", action="store_true",
                         help="with rotation, also rotate each attention head's values (V/O)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         smooth = (not rotate) if args.smooth is None else args.smooth
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,
-                       args.rotate_heads, args.clip)
+                       args.rotate_heads, args.clip, args.rotation)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

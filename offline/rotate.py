@@ -5,8 +5,10 @@ an RMSNorm with unit weight commutes with any orthogonal Q (it only divides by t
 keeps). Then every weight that writes the residual stream (embedding, o_proj, down_proj) is
 multiplied by Q on its output side and every weight that reads it (q/k/v, gate/up, lm_head) by Q
 on its input side, so the model computes the same function on a rotated residual stream whose
-outliers are spread over all channels. Q is a random orthogonal matrix (fixed seed): hidden sizes
-such as 1536 have no plain Hadamard matrix.
+outliers are spread over all channels. Q is a random orthogonal matrix (fixed seed), or with
+kind="hadamard" a Hadamard matrix with random signs on its rows, whose entries all have the same
+magnitude 1 / sqrt(n), so that one channel's outlier spreads evenly over all (hidden sizes that
+are not a power of two, such as 1536 = 12 x 128, take Paley's construction for the odd factor).
 
 With heads=True (qqq-quantize --rotate-heads), each head's values are rotated too: v_proj's rows of a KV head are multiplied by
 R^T and o_proj's input columns of every attention head by R (one R, so grouped KV heads work),
@@ -37,6 +39,50 @@ def hadamard(n: int) -> torch.Tensor:
     return h / n ** 0.5
 
 
+def _paley(m: int) -> torch.Tensor:
+    """Paley's Hadamard matrix of order m (entries +-1), m - 1 a prime q = 3 (mod 4): I + S, S the
+    skew matrix bordering q's Jacobsthal matrix (the quadratic character of j - i mod q)."""
+    q = m - 1
+    squares = {i * i % q for i in range(1, q)}
+    chi = [0] + [1 if i in squares else -1 for i in range(1, q)]
+    s = torch.zeros(m, m, dtype=torch.float64)
+    s[0, 1:], s[1:, 0] = 1, -1
+    s[1:, 1:] = torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)],
+                             dtype=torch.float64)
+    return s + torch.eye(m, dtype=torch.float64)
+
+
+def _is_prime(q: int) -> bool:
+    return q > 1 and all(q % d for d in range(2, int(q ** 0.5) + 1))
+
+
+def hadamard_any(n: int) -> torch.Tensor | None:
+    """An orthogonal Hadamard matrix / sqrt(n) of order n: Sylvester's where n is a power of two,
+    else Paley's of order m = (odd part of n) x 2^c, where m - 1 is a prime = 3 (mod 4), times
+    Sylvester's of n / m (1536: 12 x 128; 3584: 224 x 16). None where neither is found."""
+    power = n & -n
+    odd = n // power
+    if odd == 1:
+        return hadamard(n)
+    m = odd
+    while m <= n:
+        if _is_prime(m - 1) and (m - 1) % 4 == 3:
+            return torch.kron(_paley(m) / m ** 0.5, hadamard(n // m))
+        m *= 2
+    return None
+
+
+def random_hadamard(n: int, seed: int = 0) -> torch.Tensor:
+    """A Hadamard matrix with random signs on its rows (orthogonal); a random orthogonal matrix
+    where hadamard_any has none of order n."""
+    h = hadamard_any(n)
+    if h is None:
+        return random_orthogonal(n, seed)
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+    return signs[:, None] * h
+
+
 @torch.no_grad()
 def _rotate_heads(attn, head_dim: int, r: torch.Tensor) -> None:
     v, o = attn.v_proj, attn.o_proj
@@ -56,9 +102,15 @@ def _fuse_norm(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
     norm.weight.fill_(1.0)
 
 
-def rotations(config, seed: int = 0, heads: bool = False):
-    """The residual stream's Q [hidden, hidden] and, with heads, the head rotation R (else None)."""
-    q = random_orthogonal(config.hidden_size, seed)
+ROTATIONS = ("orthogonal", "hadamard")
+
+
+def rotations(config, seed: int = 0, heads: bool = False, kind: str = "orthogonal"):
+    """The residual stream's Q [hidden, hidden] (kind: a random orthogonal matrix, or a Hadamard
+    matrix with random signs) and, with heads, the head rotation R (else None)."""
+    if kind not in ROTATIONS:
+        raise ValueError(f"rotation kind must be one of {ROTATIONS}, got {kind!r}")
+    q = (random_hadamard if kind == "hadamard" else random_orthogonal)(config.hidden_size, seed)
     if not heads:
         return q, None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -107,11 +159,11 @@ def rotate_layer(layer, q: torch.Tensor, r: torch.Tensor | None = None) -> None:
         _rotate_heads(layer.self_attn, r.shape[0], r)
 
 
-def rotate_model(model, seed: int = 0, heads: bool = False) -> None:
+def rotate_model(model, seed: int = 0, heads: bool = False, kind: str = "orthogonal") -> None:
     """Fuse the norms and rotate the residual stream of a Llama/Qwen-style model in place (and,
     with heads, each attention head's values). Ties between the embedding and lm_head are broken
     (the lm_head takes the final norm)."""
-    q, r = rotations(model.config, seed, heads)
+    q, r = rotations(model.config, seed, heads, kind)
     rotate_ends(model, q)
     for layer in model.model.layers:
         rotate_layer(layer, q, r)

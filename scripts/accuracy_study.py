@@ -22,7 +22,8 @@ from offline.calibration import calibration_samples, eval_windows, read_text  # 
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
-# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip]]); None for the unquantized model
+# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip[, rotation kind]]]); None for
+# the unquantized model
 METHODS = {
     "fp16": None,
     "rtn_w4a8/128": (128, False, False, False),
@@ -38,6 +39,8 @@ METHODS = {
     "qqq_rot_smooth_w4a8/-1": (-1, True, True, True),
     "qqq_rot_smooth_w4a8/128": (128, True, True, True),
     "qqq_rot_smooth_clip_w4a8/-1": (-1, True, True, True, False, True),
+    "qqq_had_smooth_w4a8/-1": (-1, True, True, True, False, False, "hadamard"),
+    "qqq_had_smooth_w4a8/128": (128, True, True, True, False, False, "hadamard"),
     "qqq_rot_clip_w4a8/-1": (-1, False, True, True, False, True),
     "qqq_clip_w4a8/-1": (-1, True, True, False, False, True),
     "qqq_rot_heads_w4a8/128": (128, False, True, True, True),
@@ -59,6 +62,8 @@ DETAILS = {
     "qqq_rot_smooth_w4a8": "rotation of the residual stream, adaptive smoothing, GPTQ",
     "qqq_rot_smooth_clip_w4a8": "rotation, adaptive smoothing, GPTQ on weight ranges searched for "
                                 "the least rounding error",
+    "qqq_had_smooth_w4a8": "rotation by a Hadamard matrix with random signs, adaptive smoothing, "
+                           "GPTQ",
     "qqq_clip_w4a8": "adaptive smoothing + GPTQ on weight ranges searched for the least rounding "
                      "error",
     "qqq_rot_heads_w4a8": "rotation of the residual stream and per-head V/O (Hadamard) + GPTQ",
@@ -111,14 +116,15 @@ def main():
             target, group = model_dir, None
         else:
             group, smooth, gptq, rotate, *more = spec
-            heads, clip = (list(more) + [False, False])[:2]
+            defaults = [False, False, "orthogonal"]  # rotate_heads, clip, rotation kind
+            heads, clip, rotation = list(more) + defaults[len(more):]
             target = args.cache / "study" / name.replace("/", "_g")
             if target.exists() and not args.reuse:
                 shutil.rmtree(target)
             if not target.exists():
                 quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                                nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                               rotate=rotate, rotate_heads=heads, clip=clip)
+                               rotate=rotate, rotate_heads=heads, clip=clip, rotation=rotation)
         calibration = None if spec is None else f"{args.nsamples} x {args.seqlen}"
         if spec != "reference":
             model = load_model(target)

@@ -112,7 +112,19 @@ def test_bad_calibration_text(tiny_fp16, tmp_path, caplog):
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
 
 
-def test_rotation_preserves_the_float_model(tiny_fp16):
+@pytest.mark.parametrize("n", [12, 256, 1000, 1536, 3584])
+def test_random_hadamard_is_orthogonal_with_equal_entries(n):
+    """Sylvester's (256), Paley's (12) and their products (1000 = 500 x 2, 1536 = 12 x 128,
+    3584 = 224 x 16): orthogonal, every entry +-1 / sqrt(n)."""
+    from offline.rotate import random_hadamard
+    q = random_hadamard(n, seed=1)
+    torch.testing.assert_close(q @ q.T, torch.eye(n, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(q.abs(), torch.full_like(q, n ** -0.5), atol=1e-12, rtol=0)
+    assert (q > 0).any(dim=1).all() and not torch.equal(q, random_hadamard(n, seed=2))
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "hadamard"])
+def test_rotation_preserves_the_float_model(tiny_fp16, kind):
     from offline.rotate import rotate_model
     model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
     model.config.tie_word_embeddings = True  # exercise untying too
@@ -123,7 +135,7 @@ def test_rotation_preserves_the_float_model(tiny_fp16):
     hook = o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     with torch.no_grad():
         before = model(x).logits
-        rotate_model(model, seed=3, heads=True)
+        rotate_model(model, seed=3, heads=True, kind=kind)
         after = model(x).logits
     hook.remove()
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
@@ -143,6 +155,12 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["rotate"] and qc["gptq"] and not qc["smooth"] and not cfg["tie_word_embeddings"]
+    assert qc["rotation"] == "orthogonal"
+    assert main([str(tiny_fp16), str(tmp_path / "h"), "--group-size", "-1", "--rotate",
+                 "--rotation", "hadamard", "--calib", str(calib_text), "--nsamples", "4",
+                 "--seqlen", "64"]) == 0
+    assert json.loads((tmp_path / "h" / "config.json").read_text())[
+        "quantization_config"]["rotation"] == "hadamard"
     # Same GPTQ without rotation: on this random model (no outliers to spread) rotation should
     # neither help much nor hurt; a broken rotation would be far off.
     assert main([str(tiny_fp16), str(tmp_path / "p"), "--group-size", "-1", "--no-rotate",
@@ -157,7 +175,9 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
         a = fp(x).logits
         err_rot = (load_fake_quant_model(tmp_path / "r")(x).logits - a).norm() / a.norm()
         err_plain = (load_fake_quant_model(tmp_path / "p")(x).logits - a).norm() / a.norm()
+        err_had = (load_fake_quant_model(tmp_path / "h")(x).logits - a).norm() / a.norm()
     assert 0 < err_rot < 1.5 * err_plain, (err_rot, err_plain)
+    assert 0 < err_had < 1.5 * err_plain, (err_had, err_plain)
 
 
 @pytest.mark.parametrize("args,rotate", [(["--group-size", "128"], True),
