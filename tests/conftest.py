@@ -49,11 +49,13 @@ def qqq_calibrated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qqq_rotated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
-    """The rotation pipeline (fused norms, rotated residual stream, GPTQ), per-channel."""
-    from offline.quantize import quantize_model
+    """qqq-quantize's per-channel pipeline (fused norms, rotated residual stream, smoothing folded
+    into the norms and producers, GPTQ)."""
+    from offline.quantize import default_pipeline, quantize_model
     root = tmp_path_factory.mktemp("qqq-rotated")
-    return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, smooth=False,
-                          rotate=True, nsamples=8, seqlen=64)
+    rotate, smooth = default_pipeline(-1, calibrated=True)
+    return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, smooth=smooth,
+                          rotate=rotate, nsamples=8, seqlen=64)
 
 
 def run_vllm(script: str, *args: str, timeout: float = 600,

@@ -180,16 +180,18 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
     assert 0 < err_had < 1.5 * err_plain, (err_had, err_plain)
 
 
-@pytest.mark.parametrize("args,rotate", [(["--group-size", "128"], True),
-                                         (["--group-size", "-1"], False),
-                                         (["--group-size", "128", "--smooth"], False)])
-def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate):
-    """Rotation + GPTQ for g128, smoothing + GPTQ per-channel (the study's better rows), unless
-    a flag picks."""
+@pytest.mark.parametrize("args,rotate,smooth", [
+    (["--group-size", "128"], True, False), (["--group-size", "-1"], True, True),
+    (["--group-size", "128", "--smooth"], False, True),
+    (["--group-size", "-1", "--no-rotate"], False, True),
+    (["--group-size", "-1", "--no-smooth"], True, False)])
+def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate, smooth):
+    """Rotation + GPTQ for g128, rotation + smoothing + GPTQ per-channel (the study's better
+    rows), unless a flag picks."""
     assert main([str(tiny_fp16), str(tmp_path / "q"), *args, "--calib", str(calib_text),
                  "--nsamples", "4", "--seqlen", "64"]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert qc["rotate"] == rotate and qc["smooth"] == (not rotate) and qc["gptq"]
+    assert (qc["rotate"], qc["smooth"], qc["gptq"]) == (rotate, smooth, True)
 
 
 def test_quantization_holds_one_layer_in_fp32(tiny_fp16, calib_text, tmp_path, monkeypatch):

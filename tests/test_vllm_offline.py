@@ -58,7 +58,7 @@ def check_greedy(qqq_dir, generated, near_tie=NEAR_TIE, model=None):
 def test_generate_matches_fake_quant(qqq_checkpoints, qqq_calibrated, qqq_rotated, tiny_fp16,
                                      kind, quantization):
     """Per-channel RTN with quantization="qqq"; the calibrated (smoothing + GPTQ) g128 and the
-    rotated (rotation + GPTQ, untied lm_head, unit norms) per-channel checkpoints with no flag
+    rotated (rotation + smoothing + GPTQ, untied lm_head) per-channel checkpoints with no flag
     (auto-detected from config.json)."""
     ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated,
             "rotated_channel": qqq_rotated}[kind]
@@ -173,15 +173,17 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
 
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
 def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
-    """The other architectures qqq-quantize takes, through the calibrated pipeline of each group
-    size (g128: rotation + GPTQ; per-channel: smoothing + GPTQ) and vLLM: Qwen2 with its q/k/v
-    biases (stored beside B, added in the epilogue), Qwen3 with its per-head q/k norms, Mistral.
-    Greedy tokens must be the fake-quant model's, as for Llama."""
-    from offline.quantize import quantize_model
+    """The other architectures qqq-quantize takes, through qqq-quantize's calibrated pipeline of
+    each group size (g128: rotation + GPTQ; per-channel: rotation + smoothing + GPTQ) and vLLM:
+    Qwen2 with its q/k/v biases (stored beside B, added in the epilogue), Qwen3 with its per-head
+    q/k norms, Mistral. Greedy tokens must be the fake-quant model's, as for Llama."""
+    from offline.quantize import default_pipeline, quantize_model
     from offline.tiny_model import make_tiny_llama
     src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
+    rotate, smooth = default_pipeline(group_size, calibrated=True)
     ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=calib_text,
-                          nsamples=8, seqlen=64)
+                          nsamples=8, seqlen=64, rotate=rotate, smooth=smooth)
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["rotate"]
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                         "mistral": "MistralForCausalLM"}[arch]]
