@@ -5,7 +5,7 @@
 
 With calibration text (a file or a directory of *.txt) the pipeline is the better one of our
 accuracy study (benchmarks/results/NOTES.md) for the group size, one layer at a time:
-per-channel, rotation of the residual stream (offline/rotate.py), adaptive smoothing
+per-channel, a Hadamard rotation of the residual stream (offline/rotate.py), adaptive smoothing
 (offline/smooth.py), then GPTQ onto the QQQ grid (offline/gptq.py); g128, rotation then GPTQ, what
 the QQQ authors' code defaults to (--smooth alone picks smoothing then GPTQ). --no-rotate and
 --no-smooth drop a step; --rotate-heads also rotates each attention head's values. Without
@@ -46,17 +46,21 @@ def _check_linears(model, group_size: int) -> None:
 
 
 def default_pipeline(group_size: int, calibrated: bool, rotate: bool | None = None,
-                     smooth: bool | None = None) -> tuple[bool, bool]:
-    """(rotate, smooth) where the flags (None: not given) leave them open: with calibration
-    text, the better pipeline of our accuracy study for the group size (benchmarks/results/
-    NOTES.md, "Accuracy"). Per-channel: rotation and smoothing (16k held-out tokens: +11.8% over
-    FP16's perplexity, against +31.4% with smoothing alone and +46.9% with rotation alone).
-    g128: rotation; --smooth alone picks smoothing without it."""
+                     smooth: bool | None = None,
+                     rotation: str | None = None) -> tuple[bool, bool, str]:
+    """(rotate, smooth, rotation kind) where the flags (None: not given) leave them open: with
+    calibration text, the better pipeline of our accuracy study for the group size
+    (benchmarks/results/NOTES.md, "Accuracy"; 16k held-out tokens, perplexity over FP16's).
+    Per-channel: a Hadamard rotation and smoothing (+10.3%; with a random orthogonal rotation
+    +11.8%, smoothing alone +31.4%, rotation alone +46.9%). g128: a random orthogonal rotation
+    (the Hadamard one not yet measured there); --smooth alone picks smoothing without it."""
     if rotate is None:
         rotate = calibrated and (group_size == -1 or not smooth)
     if smooth is None:
         smooth = group_size == -1 or not rotate
-    return rotate, smooth
+    if rotation is None:
+        rotation = "hadamard" if group_size == -1 else "orthogonal"
+    return rotate, smooth, rotation
 
 
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
@@ -135,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                         help="rotate the residual stream (weights only; default: on with --calib, "
                              "with --group-size 128 unless --smooth is given)")
-    parser.add_argument("--rotation", choices=ROTATIONS, default="orthogonal",
+    parser.add_argument("--rotation", choices=ROTATIONS,
                         help="the residual stream's rotation: a random orthogonal matrix or a "
-                             "Hadamard matrix with random signs (default orthogonal)")
+                             "Hadamard matrix with random signs (default: hadamard per-channel, "
+                             "orthogonal with --group-size 128)")
     parser.add_argument("--rotate-heads", action="store_true",
                         help="with rotation, also rotate each attention head's values (V/O)")
     parser.add_argument("--smooth", action=argparse.BooleanOptionalAction, default=None,
@@ -158,11 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        rotate, smooth = default_pipeline(args.group_size, args.calib is not None, args.rotate,
-                                          args.smooth)
+        rotate, smooth, rotation = default_pipeline(args.group_size, args.calib is not None,
+                                                    args.rotate, args.smooth, args.rotation)
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,
-                       args.rotate_heads, args.clip, args.rotation)
+                       args.rotate_heads, args.clip, rotation)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

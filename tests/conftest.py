@@ -53,9 +53,9 @@ def qqq_rotated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
     into the norms and producers, GPTQ)."""
     from offline.quantize import default_pipeline, quantize_model
     root = tmp_path_factory.mktemp("qqq-rotated")
-    rotate, smooth = default_pipeline(-1, calibrated=True)
+    rotate, smooth, rotation = default_pipeline(-1, calibrated=True)
     return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, smooth=smooth,
-                          rotate=rotate, nsamples=8, seqlen=64)
+                          rotate=rotate, rotation=rotation, nsamples=8, seqlen=64)
 
 
 def run_vllm(script: str, *args: str, timeout: float = 600,

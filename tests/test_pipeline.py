@@ -150,17 +150,17 @@ def test_rotation_preserves_the_float_model(tiny_fp16, kind):
 
 
 def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
-    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1", "--rotate",
+    assert main([str(tiny_fp16), str(tmp_path / "r"), "--group-size", "-1", "--no-smooth",
                  "--calib", str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert qc["rotate"] and qc["gptq"] and not qc["smooth"] and not cfg["tie_word_embeddings"]
-    assert qc["rotation"] == "orthogonal"
-    assert main([str(tiny_fp16), str(tmp_path / "h"), "--group-size", "-1", "--rotate",
-                 "--rotation", "hadamard", "--calib", str(calib_text), "--nsamples", "4",
+    assert qc["rotation"] == "hadamard"  # the per-channel default
+    assert main([str(tiny_fp16), str(tmp_path / "o"), "--group-size", "-1", "--no-smooth",
+                 "--rotation", "orthogonal", "--calib", str(calib_text), "--nsamples", "4",
                  "--seqlen", "64"]) == 0
-    assert json.loads((tmp_path / "h" / "config.json").read_text())[
-        "quantization_config"]["rotation"] == "hadamard"
+    assert json.loads((tmp_path / "o" / "config.json").read_text())[
+        "quantization_config"]["rotation"] == "orthogonal"
     # Same GPTQ without rotation: on this random model (no outliers to spread) rotation should
     # neither help much nor hurt; a broken rotation would be far off.
     assert main([str(tiny_fp16), str(tmp_path / "p"), "--group-size", "-1", "--no-rotate",
@@ -175,23 +175,27 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
         a = fp(x).logits
         err_rot = (load_fake_quant_model(tmp_path / "r")(x).logits - a).norm() / a.norm()
         err_plain = (load_fake_quant_model(tmp_path / "p")(x).logits - a).norm() / a.norm()
-        err_had = (load_fake_quant_model(tmp_path / "h")(x).logits - a).norm() / a.norm()
+        err_orth = (load_fake_quant_model(tmp_path / "o")(x).logits - a).norm() / a.norm()
     assert 0 < err_rot < 1.5 * err_plain, (err_rot, err_plain)
-    assert 0 < err_had < 1.5 * err_plain, (err_had, err_plain)
+    assert 0 < err_orth < 1.5 * err_plain, (err_orth, err_plain)
 
 
-@pytest.mark.parametrize("args,rotate,smooth", [
-    (["--group-size", "128"], True, False), (["--group-size", "-1"], True, True),
-    (["--group-size", "128", "--smooth"], False, True),
-    (["--group-size", "-1", "--no-rotate"], False, True),
-    (["--group-size", "-1", "--no-smooth"], True, False)])
-def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate, smooth):
-    """Rotation + GPTQ for g128, rotation + smoothing + GPTQ per-channel (the study's better
-    rows), unless a flag picks."""
+@pytest.mark.parametrize("args,rotate,smooth,rotation", [
+    (["--group-size", "128"], True, False, "orthogonal"),
+    (["--group-size", "-1"], True, True, "hadamard"),
+    (["--group-size", "128", "--smooth"], False, True, None),
+    (["--group-size", "-1", "--no-rotate"], False, True, None),
+    (["--group-size", "-1", "--no-smooth", "--rotation", "orthogonal"], True, False,
+     "orthogonal")])
+def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate, smooth,
+                                        rotation):
+    """Rotation + GPTQ for g128, Hadamard rotation + smoothing + GPTQ per-channel (the study's
+    better rows), unless a flag picks."""
     assert main([str(tiny_fp16), str(tmp_path / "q"), *args, "--calib", str(calib_text),
                  "--nsamples", "4", "--seqlen", "64"]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert (qc["rotate"], qc["smooth"], qc["gptq"]) == (rotate, smooth, True)
+    assert (qc["rotate"], qc["smooth"], qc["gptq"], qc["rotation"]) == (rotate, smooth, True,
+                                                                          rotation)
 
 
 def test_quantization_holds_one_layer_in_fp32(tiny_fp16, calib_text, tmp_path, monkeypatch):

@@ -174,15 +174,16 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
 def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
     """The other architectures qqq-quantize takes, through qqq-quantize's calibrated pipeline of
-    each group size (g128: rotation + GPTQ; per-channel: rotation + smoothing + GPTQ) and vLLM:
+    each group size (g128: rotation + GPTQ; per-channel: Hadamard rotation + smoothing + GPTQ)
+    and vLLM:
     Qwen2 with its q/k/v biases (stored beside B, added in the epilogue), Qwen3 with its per-head
     q/k norms, Mistral. Greedy tokens must be the fake-quant model's, as for Llama."""
     from offline.quantize import default_pipeline, quantize_model
     from offline.tiny_model import make_tiny_llama
     src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
-    rotate, smooth = default_pipeline(group_size, calibrated=True)
+    rotate, smooth, rotation = default_pipeline(group_size, calibrated=True)
     ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=calib_text,
-                          nsamples=8, seqlen=64, rotate=rotate, smooth=smooth)
+                          nsamples=8, seqlen=64, rotate=rotate, smooth=smooth, rotation=rotation)
     assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["rotate"]
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
