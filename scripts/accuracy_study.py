@@ -38,11 +38,8 @@ METHODS = {
     "qqq_rot_w4a8/-1": (-1, False, True, True),
     "qqq_rot_smooth_w4a8/-1": (-1, True, True, True),
     "qqq_rot_smooth_w4a8/128": (128, True, True, True),
-    "qqq_rot_smooth_clip_w4a8/-1": (-1, True, True, True, False, True),
     "qqq_had_smooth_w4a8/-1": (-1, True, True, True, False, False, "hadamard"),
     "qqq_had_smooth_w4a8/128": (128, True, True, True, False, False, "hadamard"),
-    "qqq_rot_clip_w4a8/-1": (-1, False, True, True, False, True),
-    "qqq_clip_w4a8/-1": (-1, True, True, False, False, True),
     "qqq_rot_heads_w4a8/128": (128, False, True, True, True),
     "qqq_rot_clip_w4a8/128": (128, False, True, True, False, True),
     # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
@@ -60,12 +57,8 @@ DETAILS = {
     "qqq_w4a8": "adaptive smoothing + GPTQ",
     "qqq_rot_w4a8": "rotation of the residual stream (random orthogonal) + GPTQ",
     "qqq_rot_smooth_w4a8": "rotation of the residual stream, adaptive smoothing, GPTQ",
-    "qqq_rot_smooth_clip_w4a8": "rotation, adaptive smoothing, GPTQ on weight ranges searched for "
-                                "the least rounding error",
     "qqq_had_smooth_w4a8": "rotation by a Hadamard matrix with random signs, adaptive smoothing, "
                            "GPTQ",
-    "qqq_clip_w4a8": "adaptive smoothing + GPTQ on weight ranges searched for the least rounding "
-                     "error",
     "qqq_rot_heads_w4a8": "rotation of the residual stream and per-head V/O (Hadamard) + GPTQ",
     "qqq_rot_clip_w4a8": "rotation + GPTQ on weight ranges searched for the least rounding error",
     "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
