@@ -102,15 +102,16 @@ def _fuse_norm(norm: torch.nn.Module, readers: list[torch.nn.Linear]) -> None:
     norm.weight.fill_(1.0)
 
 
-ROTATIONS = ("orthogonal", "hadamard")
+# The residual stream's rotation by kind (qqq-quantize --rotation): Q of order n for a seed.
+ROTATIONS = {"orthogonal": random_orthogonal, "hadamard": random_hadamard}
 
 
 def rotations(config, seed: int = 0, heads: bool = False, kind: str = "orthogonal"):
     """The residual stream's Q [hidden, hidden] (kind: a random orthogonal matrix, or a Hadamard
     matrix with random signs) and, with heads, the head rotation R (else None)."""
     if kind not in ROTATIONS:
-        raise ValueError(f"rotation kind must be one of {ROTATIONS}, got {kind!r}")
-    q = (random_hadamard if kind == "hadamard" else random_orthogonal)(config.hidden_size, seed)
+        raise ValueError(f"rotation kind must be one of {tuple(ROTATIONS)}, got {kind!r}")
+    q = ROTATIONS[kind](config.hidden_size, seed)
     if not heads:
         return q, None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -175,9 +175,8 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
 def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
     """The other architectures qqq-quantize takes, through qqq-quantize's calibrated pipeline of
     each group size (g128: rotation + GPTQ; per-channel: Hadamard rotation + smoothing + GPTQ)
-    and vLLM:
-    Qwen2 with its q/k/v biases (stored beside B, added in the epilogue), Qwen3 with its per-head
-    q/k norms, Mistral. Greedy tokens must be the fake-quant model's, as for Llama."""
+    and vLLM: Qwen2 with its q/k/v biases (stored beside B, added in the epilogue), Qwen3 with
+    its per-head q/k norms, Mistral. Greedy tokens must be the fake-quant model's, as for Llama."""
     from offline.quantize import default_pipeline, quantize_model
     from offline.tiny_model import make_tiny_llama
     src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
