@@ -67,6 +67,9 @@ DETAILS = {
 }
 
 
+SAME = ("method", "group_size", "calibration")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache")
@@ -98,8 +101,7 @@ def main():
                     f"{args.eval_windows}; calibration samples x tokens per row ('calibration'); "
                     "fake-quant PyTorch path (CPU)",
     })
-    rows = [r for r in report.get("rows", []) if f"{r['method']}/{r['group_size']}"
-            not in args.methods.split(",")]
+    rows = report.get("rows", [])
     for name in args.methods.split(","):
         spec = METHODS[name]
         start = time.time()
@@ -126,10 +128,13 @@ def main():
             calibrated = qc.get("smooth") or qc.get("gptq")  # RTN and rotation alone need no data
             calibration = qc.get("calibration", calibration if calibrated else None)
         ppl = perplexity(model, windows)
-        rows.append({"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
-                     "method": name.split("/")[0], "group_size": group, "ppl": ppl,
-                     "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
-                     "seconds": round(time.time() - start, 1), "calibration": calibration})
+        row = {"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
+               "method": name.split("/")[0], "group_size": group, "ppl": ppl,
+               "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
+               "seconds": round(time.time() - start, 1), "calibration": calibration}
+        # a row replaces the one of the same method, group size and calibration only: the rows
+        # of one method at several calibration sizes stand side by side
+        rows = [r for r in rows if [r.get(k) for k in SAME] != [row[k] for k in SAME]] + [row]
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({time.time() - start:.0f} s)", flush=True)
