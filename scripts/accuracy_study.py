@@ -67,7 +67,8 @@ DETAILS = {
 }
 
 
-SAME = ("method", "group_size", "calibration")
+# what makes a row: a rerun replaces the row that matches it in all three
+ROW_KEY = ("method", "group_size", "calibration")
 
 
 def main():
@@ -132,9 +133,9 @@ def main():
                "method": name.split("/")[0], "group_size": group, "ppl": ppl,
                "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
                "seconds": round(time.time() - start, 1), "calibration": calibration}
-        # a row replaces the one of the same method, group size and calibration only: the rows
-        # of one method at several calibration sizes stand side by side
-        rows = [r for r in rows if [r.get(k) for k in SAME] != [row[k] for k in SAME]] + [row]
+        # one method's rows at other calibration sizes stay beside this one
+        rows = [r for r in rows if [r.get(k) for k in ROW_KEY] != [row[k] for k in ROW_KEY]]
+        rows.append(row)
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({time.time() - start:.0f} s)", flush=True)

@@ -183,8 +183,8 @@ def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_
     rotate, smooth, rotation = default_pipeline(group_size, calibrated=True)
     ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=calib_text,
                           nsamples=8, seqlen=64, rotate=rotate, smooth=smooth, rotation=rotation)
-    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["rotate"]
     config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization_config"]["rotate"]
     assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                                         "mistral": "MistralForCausalLM"}[arch]]
     if arch == "qwen2":
