@@ -66,12 +66,17 @@ def default_pipeline(group_size: int, calibrated: bool, rotate: bool | None = No
 
 
 def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
-                   calib: Path | None = None, smooth: bool = True, gptq: bool = True,
+                   calib: Path | None = None, smooth: bool | None = None, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
-                   seed: int = 0, rotate: bool = False, rotate_heads: bool = False,
-                   clip: bool = False, rotation: str = "orthogonal") -> Path:
+                   seed: int = 0, rotate: bool | None = None, rotate_heads: bool = False,
+                   clip: bool = False, rotation: str | None = None) -> Path:
+    """Quantize the model in model_dir to a QQQ checkpoint in out_dir. smooth, rotate and
+    rotation left as None take default_pipeline's choice for the group size, as qqq-quantize
+    does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
+                                                rotation)
     config = read_config(model_dir)
     if Path(out_dir).exists():
         raise CheckpointError(f"{out_dir} already exists; refusing to overwrite it")
@@ -165,11 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        rotate, smooth, rotation = default_pipeline(args.group_size, args.calib is not None,
-                                                    args.rotate, args.smooth, args.rotation)
-        quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, smooth,
-                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed, rotate,
-                       args.rotate_heads, args.clip, rotation)
+        quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, args.smooth,
+                       args.gptq, args.nsamples, args.seqlen, args.device, args.seed,
+                       args.rotate, args.rotate_heads, args.clip, args.rotation)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

@@ -41,21 +41,20 @@ def qqq_checkpoints(tiny_fp16, tmp_path_factory) -> dict[int, Path]:
 
 @pytest.fixture(scope="session")
 def qqq_calibrated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
-    """The full pipeline (smoothing + GPTQ), g128."""
+    """Smoothing + GPTQ, g128, without rotation (smoothing folded into the norms and producers)."""
     from offline.quantize import quantize_model
     root = tmp_path_factory.mktemp("qqq-calibrated")
-    return quantize_model(tiny_fp16, root / "g128", 128, calib=calib_text, nsamples=8, seqlen=64)
+    return quantize_model(tiny_fp16, root / "g128", 128, calib=calib_text, nsamples=8, seqlen=64,
+                          smooth=True, rotate=False)
 
 
 @pytest.fixture(scope="session")
 def qqq_rotated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
     """qqq-quantize's per-channel pipeline (fused norms, rotated residual stream, smoothing folded
     into the norms and producers, GPTQ)."""
-    from offline.quantize import default_pipeline, quantize_model
+    from offline.quantize import quantize_model
     root = tmp_path_factory.mktemp("qqq-rotated")
-    rotate, smooth, rotation = default_pipeline(-1, calibrated=True)
-    return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, smooth=smooth,
-                          rotate=rotate, rotation=rotation, nsamples=8, seqlen=64)
+    return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, nsamples=8, seqlen=64)
 
 
 def run_vllm(script: str, *args: str, timeout: float = 600,

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from offline.calibration import CalibrationError, calibration_samples, read_text
@@ -80,9 +81,10 @@ def test_gptq_beats_rtn_on_calibration_data(g):
 
 
 def test_calibrated_checkpoint(tiny_fp16, calib_text, tmp_path):
-    out = quantize_model(tiny_fp16, tmp_path / "q", 128, calib=calib_text, nsamples=8, seqlen=64)
+    out = quantize_model(tiny_fp16, tmp_path / "q", 128, calib=calib_text, nsamples=8, seqlen=64,
+                         smooth=True, rotate=False)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["smooth"] and qc["gptq"] and qc["group_size"] == 128
+    assert qc["smooth"] and qc["gptq"] and qc["group_size"] == 128 and not qc["rotate"]
     assert qc["calibration"] == "8 x 64"  # what the checkpoint was calibrated on, recorded
     from offline.fake_quant import load_fake_quant_model  # unpacks and checks every tensor
     fq = load_fake_quant_model(out)
@@ -197,6 +199,23 @@ def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, r
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (qc["rotate"], qc["smooth"], qc["gptq"], qc["rotation"]) == (rotate, smooth, True,
                                                                           rotation)
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_python_api_defaults_are_the_cli_pipeline(tiny_fp16, calib_text, tmp_path, group_size):
+    """quantize_model without pipeline flags makes qqq-quantize's checkpoint, tensor for tensor:
+    library callers get the study's better pipeline for the group size, not another one."""
+    cli, api = tmp_path / "cli", tmp_path / "api"
+    assert main([str(tiny_fp16), str(cli), "--group-size", str(group_size), "--calib",
+                 str(calib_text), "--nsamples", "4", "--seqlen", "64"]) == 0
+    quantize_model(tiny_fp16, api, group_size, calib=calib_text, nsamples=4, seqlen=64)
+    qc = {d: json.loads((d / "config.json").read_text())["quantization_config"] for d in (cli, api)}
+    assert qc[api] == qc[cli] and qc[api]["rotate"]
+    assert qc[api]["smooth"] == (group_size == -1)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (cli, api))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_quantization_holds_one_layer_in_fp32(tiny_fp16, calib_text, tmp_path, monkeypatch):

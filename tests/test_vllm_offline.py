@@ -177,12 +177,11 @@ def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_
     each group size (g128: rotation + GPTQ; per-channel: Hadamard rotation + smoothing + GPTQ)
     and vLLM: Qwen2 with its q/k/v biases (stored beside B, added in the epilogue), Qwen3 with
     its per-head q/k norms, Mistral. Greedy tokens must be the fake-quant model's, as for Llama."""
-    from offline.quantize import default_pipeline, quantize_model
+    from offline.quantize import quantize_model
     from offline.tiny_model import make_tiny_llama
     src = make_tiny_llama(tmp_path / f"{arch}-fp16", arch=arch)
-    rotate, smooth, rotation = default_pipeline(group_size, calibrated=True)
     ckpt = quantize_model(src, tmp_path / f"{arch}-qqq", group_size, calib=calib_text,
-                          nsamples=8, seqlen=64, rotate=rotate, smooth=smooth, rotation=rotation)
+                          nsamples=8, seqlen=64)
     config = json.loads((ckpt / "config.json").read_text())
     assert config["quantization_config"]["rotate"]
     assert config["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
