@@ -41,6 +41,11 @@ def rand_int32(*shape):
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device=DEV)
 
 
+def device_weight(w):
+    """The kernel layout of w on DEV (rtn returns the checkpoint's CPU tensors)."""
+    return {name: t.to(DEV) for name, t in ops.prepare_weight(w).items()}
+
+
 # Each setup(k, n) returns a function of x (fp16 [M, K]) -> output, with its weights bound.
 def setup_fp16(k, n):
     w = torch.randn(n, k, device=DEV, dtype=torch.float16) / k**0.5
@@ -50,7 +55,7 @@ def setup_fp16(k, n):
 def setup_qqq(g):
     def setup(k, n):
         from offline.grid import rtn
-        t = ops.prepare_weight(rtn(torch.randn(n, k, device=DEV) / k**0.5, g))
+        t = device_weight(rtn(torch.randn(n, k, device=DEV) / k**0.5, g))
         ws = ops.workspace(DEV, n)
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         return (lambda x: ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws),
@@ -119,8 +124,7 @@ def setup_qqq_tile(bm, stages, producer_warp=False, group=-1, warpgroups=2):
 def setup_qqq_gemm_only(k, n):
     """Our GEMM alone on pre-quantized activations: how much of qqq_channel is quantization."""
     from offline.grid import rtn
-    w = rtn(torch.randn(n, k, device=DEV) / k**0.5, -1)
-    t = ops.prepare_weight(w)
+    t = device_weight(rtn(torch.randn(n, k, device=DEV) / k**0.5, -1))
     ws = ops.workspace(DEV, n)
     cache = {}
 

@@ -42,6 +42,7 @@ METHODS = {
     "qqq_had_smooth_w4a8/128": (128, True, True, True, False, False, "hadamard"),
     "qqq_rot_heads_w4a8/128": (128, False, True, True, True),
     "qqq_rot_clip_w4a8/128": (128, False, True, True, False, True),
+    "qqq_had_smooth_clip_w4a8/-1": (-1, True, True, True, False, True, "hadamard"),
     # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
     "gptq_w4a16/128": "reference",
     "smoothquant_w8a8/-1": "reference",
@@ -61,6 +62,8 @@ DETAILS = {
                            "GPTQ",
     "qqq_rot_heads_w4a8": "rotation of the residual stream and per-head V/O (Hadamard) + GPTQ",
     "qqq_rot_clip_w4a8": "rotation + GPTQ on weight ranges searched for the least rounding error",
+    "qqq_had_smooth_clip_w4a8": "Hadamard rotation, adaptive smoothing, GPTQ on weight ranges "
+                                "searched for the least rounding error",
     "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
     "smoothquant_w8a8": "SmoothQuant alpha 0.5 (norm->qkv, norm->gate/up), int8 per-channel "
                         "weights (round to nearest), int8 per-token activations",
