@@ -386,6 +386,32 @@ def test_wgmma_kernel_is_used_on_hopper():
     assert _C.wgmma_available()
 
 
+@pytest.mark.parametrize("shape,m,g,tile", [
+    ("llama3_qkv", 256, -1, (64, 8, 3)), ("llama3_qkv", 1024, -1, (128, 5, 3)),
+    ("llama3_qkv", 2048, -1, (256, 4, 2)), ("llama3_qkv", 1024, 128, (256, 4, 2)),
+    ("llama3_o", 1024, -1, (256, 4, 2))])
+def test_dispatch_picks_192_channel_tiles_where_they_fill_the_waves(shape, m, g, tile):
+    """Per-channel qkv (N = 6144 = 32 x 192) at M = 256 and 1024 takes the 3-warpgroup tiles
+    (measured 1.2x faster there, benchmarks/results/NOTES.md); M = 2048, g128 and N = 4096 keep
+    the 128-channel tile. Read from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    import re
+    from vllm_qqq import _C
+    if not _C.wgmma_available():
+        pytest.skip("no sm_90a wgmma kernel on this GPU")
+    k, n = SHAPES[shape]
+    t = make_layer(k, n, g, seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ws = ops.workspace("cuda", n)
+    ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+        torch.cuda.synchronize()
+    found = [re.search(r"w4a8_gemm_wgmma_kernel<[^,]+, (\d+), (\d+), \w+, \w+, (\d+)>", e.name)
+             for e in prof.events()]
+    tiles = {tuple(int(v) for v in f.groups()) for f in found if f}
+    assert tiles == {tile}, [e.name for e in prof.events()]
+
+
 def test_layers_of_different_n_share_the_workspace():
     """Like a model's layers: one buffer, N = 4096, 6144 and 28672, alternating the Hopper
     split-K (M = 128) and the mma.sync split-K (M = 1, 16), which share the counters and the
