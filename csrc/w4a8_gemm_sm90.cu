@@ -561,13 +561,15 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 }
 
 // 192-channel tiles (3 math warpgroups) for per-channel weights where N is a multiple of 192 and
-// they fill the SMs' last wave better than the 128-channel tile chosen above. Each tile's time is
+// they fill the SMs' last wave better than the 128-channel tile chosen above. A tile's time is
 // about proportional to its area, so a choice costs waves x area; the 192-channel tile takes over
-// where it costs at least 10% less. On the H200: qkv (N = 6144) M = 256, 64 x 192 tiles 16.3 us
-// vs 20.0 (128 tiles against 96 of 128 x 128 on 132 SMs), M = 1024, 128 x 192 tiles 43.1 vs 52.5
-// (256 tiles against 192 of 256 x 128); at M = 2048 / 4096 the model ties and 128 channels
-// stayed ahead (79.0 vs 82.7 us). Per-group weights gained nothing from them (qkv M = 1024, 53.9
-// vs 53.2 us), nor does a choice that splits K, whose waves the model does not count.
+// where it costs at most 90% as much. The 64-token one only within one wave: beyond it, its
+// lower arithmetic intensity cost more than the model counts (3584 x 4608, M = 3072: 107.8 us
+// vs 93.2 for 256 x 128 tiles). Measured on the H100 (gemm_h100_wide_tiles.log, each tile forced
+// beside the rule): qkv (N = 6144) M = 256, 64 x 192 tiles 17.2 us vs 20.3 (128 tiles against 96
+// of 128 x 128 on 132 SMs); M = 512 / 1024 / 1536, 128 x 192 tiles 24.8 / 45.3 / 64.5 us vs
+// 28.8 / 52.3 / 77.5 for 256 x 128; N = 12288, M = 256-768, 12-17% faster. Per-group weights
+// gained nothing from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
 static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& wide_stages) {
   if (m <= 128 || n % 192 != 0) {
     return false;
@@ -587,7 +589,9 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
   bool found = false;
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {
-    if (10 * tiles(tile[0], 192) >= 7 * sms && cost(tile[0], 192) <= best) {
+    const bool one_wave = tiles(tile[0], 192) <= sms;
+    if (10 * tiles(tile[0], 192) >= 7 * sms && (tile[0] == 128 || one_wave) &&
+        cost(tile[0], 192) <= best) {
       best = cost(tile[0], 192);
       wide_bm = tile[0];
       wide_stages = tile[1];

@@ -392,8 +392,9 @@ def test_wgmma_kernel_is_used_on_hopper():
     ("llama3_o", 1024, -1, (256, 4, 2))])
 def test_dispatch_picks_192_channel_tiles_where_they_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256 and 1024 takes the 3-warpgroup tiles
-    (measured 1.2x faster there, benchmarks/results/NOTES.md); M = 2048, g128 and N = 4096 keep
-    the 128-channel tile. Read from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    (1.17x / 1.15x faster there on the H100, benchmarks/results/NOTES.md); M = 2048, g128 and
+    N = 4096 keep the 128-channel tile. Read from the kernel's name in a profile: (tokens, slots,
+    warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
