@@ -152,7 +152,7 @@ def reference_model(name, args, model_dir, calib):
         target = args.cache / "study" / "gptq_w4a8_g128"
         if not target.exists():
             quantize_model(model_dir, target, 128, calib=calib, smooth=False, gptq=True,
-                           nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+                           rotate=False, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
         return load_weight_only(target)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), read_text(calib),
