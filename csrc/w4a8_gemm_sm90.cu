@@ -586,7 +586,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
     return false;
   }
   int64_t best = cost(bm, 128) * 9 / 10;
-  bool found = false;
+  wide_bm = 0;
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {
     const bool one_wave = tiles(tile[0], 192) <= sms;
@@ -595,10 +595,9 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
       best = cost(tile[0], 192);
       wide_bm = tile[0];
       wide_stages = tile[1];
-      found = true;
     }
   }
-  return found;
+  return wide_bm != 0;
 }
 
 template <typename Out, bool GROUPED>
