@@ -522,7 +522,10 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // the ring's depth, so what decides is how many CTAs share the work:
 // - 256 tokens where its tiles alone give ~0.7 CTAs per SM (split-K of 256-token tiles lost to
 //   128-token tiles: down M = 256 / 512, 56.0 / 91.6 us vs 46.7 / 67.5), and it computes at most
-//   1/8 more padding tokens than the 128-token tile (gate_up M = 384: 131.6 us vs 104.6);
+//   1/8 more padding tokens than the 128-token tile (gate_up M = 384: 131.6 us vs 104.6) or its
+//   tiles fit one wave where the 128-token ones do not: an SM then computes 256 tokens either
+//   way, and the larger tile does it faster (o / down M = 640, 29.8 / 84.0 us vs 32.9 / 101.5
+//   for two 128-token CTAs per SM, gemm_h100_amended_rule.log);
 // - else 128 tokens where they give ~0.7 CTAs per SM, counting split-K where each split keeps
 //   >= 32 k blocks (shorter splits lost to smaller tiles: qkv M = 128, 64 tokens 26 us vs 128
 //   tokens split in 2, 30 us), or from M = 65 where the N tiles alone outnumber the SMs (gate_up
@@ -548,8 +551,9 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   // Tokens computed past M: the 256-token tile pads M = 384 to 512, the 128-token one not at all.
   auto padding = [&](int tile) { return (m + tile - 1) / tile * tile - m; };
   const bool wide = n_tiles > sms;  // 128-token tiles from registers, two CTAs per SM
+  const bool only_256_in_one_wave = tiles(256) <= sms && tiles(128) > sms;
   if (m > 128 && 10 * tiles(256) >= 7 * sms &&
-      8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256) {
+      (8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256 || only_256_in_one_wave)) {
     bm = 256;
   } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide)) {
     bm = 128;
@@ -568,8 +572,10 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 // vs 93.2 for 256 x 128 tiles). Measured on the H100 (gemm_h100_wide_tiles.log, each tile forced
 // beside the rule): qkv (N = 6144) M = 256, 64 x 192 tiles 17.2 us vs 20.3 (128 tiles against 96
 // of 128 x 128 on 132 SMs); M = 512 / 1024 / 1536, 128 x 192 tiles 24.8 / 45.3 / 64.5 us vs
-// 28.8 / 52.3 / 77.5 for 256 x 128; N = 12288, M = 256-768, 12-17% faster. Per-group weights
-// gained nothing from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
+// 28.8 / 52.3 / 77.5 for 256 x 128; N = 12288, M = 256-768, 12-17% faster. Two 128-token CTAs
+// per SM take turns on the tensor cores, so they count as two waves: 3584 x 4608 M = 512, 144 of
+// them took 28.6 us against 21.7 for 96 tiles of 128 x 192. Per-group weights gained nothing
+// from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
 static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& wide_stages) {
   if (m <= 128 || n % 192 != 0) {
     return false;
@@ -580,9 +586,8 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
   auto cost = [&](int tile_m, int tile_n) {
     return (tiles(tile_m, tile_n) + sms - 1) / sms * tile_m * tile_n;
   };
-  // The model counts one CTA per SM and no K splits: not two 128-token CTAs per SM taking turns,
-  // nor fewer tiles than half the SMs (the launch then splits K).
-  if ((bm == 128 && tiles(bm, 128) > sms) || 2 * tiles(bm, 128) <= sms) {
+  // The model counts no K splits: not fewer tiles than half the SMs (the launch then splits K).
+  if (2 * tiles(bm, 128) <= sms) {
     return false;
   }
   int64_t best = cost(bm, 128) * 9 / 10;
