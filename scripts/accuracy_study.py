@@ -4,6 +4,9 @@ an interrupted study keeps what it finished.
 
     python scripts/fetch_real_model.py            # once: model and text into .cache/
     python scripts/accuracy_study.py [--nsamples 8 --seqlen 512 --eval-windows 4 --eval-seqlen 1024]
+
+--seed N draws other calibration windows and rotation signs: the spread between seeds is the
+study's resolution.
 """
 
 import argparse
@@ -70,8 +73,13 @@ DETAILS = {
 }
 
 
-# what makes a row: a rerun replaces the row that matches it in all three
-ROW_KEY = ("method", "group_size", "calibration")
+# what makes a row: a rerun replaces the row that matches it in all four (rows written before
+# --seed existed ran seed 0)
+ROW_KEY = ("method", "group_size", "calibration", "seed")
+
+
+def row_key(row):
+    return [row.get(k, 0 if k == "seed" else None) for k in ROW_KEY]
 
 
 def main():
@@ -81,6 +89,8 @@ def main():
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration windows and rotation signs (quantize_model's seed)")
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--reuse", action="store_true",
@@ -117,13 +127,13 @@ def main():
             group, smooth, gptq, rotate, *more = spec
             defaults = [False, False, "orthogonal"]  # rotate_heads, clip, rotation kind
             heads, clip, rotation = list(more) + defaults[len(more):]
-            target = args.cache / "study" / name.replace("/", "_g")
+            target = study_dir(args, name.replace("/", "_g"))
             if target.exists() and not args.reuse:
                 shutil.rmtree(target)
             if not target.exists():
                 quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                                nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                               rotate=rotate, rotate_heads=heads, clip=clip, rotation=rotation)
+                               seed=args.seed, rotate=rotate, rotate_heads=heads, clip=clip, rotation=rotation)
         calibration = None if spec is None else f"{args.nsamples} x {args.seqlen}"
         if spec != "reference":
             model = load_model(target)
@@ -135,13 +145,19 @@ def main():
         row = {"model": "Qwen2.5-Coder-1.5B-Instruct", "real_pretrained": True,
                "method": name.split("/")[0], "group_size": group, "ppl": ppl,
                "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
-               "seconds": round(time.time() - start, 1), "calibration": calibration}
-        # one method's rows at other calibration sizes stay beside this one
-        rows = [r for r in rows if [r.get(k) for k in ROW_KEY] != [row[k] for k in ROW_KEY]]
+               "seconds": round(time.time() - start, 1), "calibration": calibration,
+               "seed": args.seed}
+        # one method's rows at other calibration sizes or seeds stay beside this one
+        rows = [r for r in rows if row_key(r) != row_key(row)]
         rows.append(row)
         report["rows"] = rows
         args.out.write_text(json.dumps(report, indent=1))
         print(f"{name}: ppl {ppl:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+
+def study_dir(args, name):
+    """Where a method's checkpoint is kept: seed 0's under the method's name, as before --seed."""
+    return args.cache / "study" / (name + (f"_seed{args.seed}" if args.seed else ""))
 
 
 def reference_model(name, args, model_dir, calib):
@@ -149,14 +165,15 @@ def reference_model(name, args, model_dir, calib):
 
     from offline.references import load_weight_only, smoothquant_w8a8
     if name == "gptq_w4a16/128":  # the gptq_w4a8/128 checkpoint, activations unquantized
-        target = args.cache / "study" / "gptq_w4a8_g128"
+        target = study_dir(args, "gptq_w4a8_g128")
         if not target.exists():
             quantize_model(model_dir, target, 128, calib=calib, smooth=False, gptq=True,
-                           rotate=False, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+                           rotate=False, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
+                           seed=args.seed)
         return load_weight_only(target)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), read_text(calib),
-                                  args.nsamples, args.seqlen)
+                                  args.nsamples, args.seqlen, args.seed)
     return smoothquant_w8a8(model, samples)
 
 
