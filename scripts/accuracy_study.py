@@ -133,7 +133,8 @@ def main():
             if not target.exists():
                 quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                                nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
-                               seed=args.seed, rotate=rotate, rotate_heads=heads, clip=clip, rotation=rotation)
+                               seed=args.seed, rotate=rotate, rotate_heads=heads, clip=clip,
+                               rotation=rotation)
         calibration = None if spec is None else f"{args.nsamples} x {args.seqlen}"
         if spec != "reference":
             model = load_model(target)

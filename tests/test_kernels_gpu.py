@@ -390,13 +390,14 @@ def test_wgmma_kernel_is_used_on_hopper():
     ("llama3_qkv", 256, -1, (64, 8, 3)), ("llama3_qkv", 1024, -1, (128, 5, 3)),
     ("llama3_qkv", 2048, -1, (256, 4, 2)), ("llama3_qkv", 1024, 128, (256, 4, 2)),
     ("llama3_o", 1024, -1, (256, 4, 2)), ("llama3_qkv", 384, -1, (128, 5, 3)),
-    ("llama3_o", 640, -1, (256, 4, 2)), ("llama3_o", 384, -1, (128, 6, 2))])
+    ("llama3_o", 640, -1, (256, 4, 2)), ("llama3_o", 640, 128, (256, 4, 2)),
+    ("llama3_o", 384, -1, (128, 6, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md); M =
     2048, g128 and N = 4096 keep the 128-channel tile. o at M = 640 takes one wave of 256-token
-    tiles, not two 128-token CTAs per SM; at M = 384 one wave of 128-token tiles. Read from the
-    kernel's name in a profile: (tokens, slots, warpgroups)."""
+    tiles in both group modes, not two 128-token CTAs per SM; at M = 384 one wave of 128-token
+    tiles. Read from the kernel's name in a profile: (tokens, slots, warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
