@@ -231,6 +231,7 @@ IMPLS = {
     "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
     "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, True),
     "qqq_g128_tile_tma_256x4": setup_qqq_tile(256, 4, True, group=128),
+    "qqq_g128_tile_128x4": setup_qqq_tile(128, 4, False, group=128),
     # 192 channels a CTA (3 math warpgroups), for where 128-channel tiles leave the last wave
     # mostly idle: qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256 128 x 192 tiles.
     "qqq_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, warpgroups=3),

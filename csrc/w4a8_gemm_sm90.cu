@@ -523,9 +523,12 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // - 256 tokens where its tiles alone give ~0.7 CTAs per SM (split-K of 256-token tiles lost to
 //   128-token tiles: down M = 256 / 512, 56.0 / 91.6 us vs 46.7 / 67.5), and it computes at most
 //   1/8 more padding tokens than the 128-token tile (gate_up M = 384: 131.6 us vs 104.6) or its
-//   tiles fit one wave where the 128-token ones do not: an SM then computes 256 tokens either
-//   way, and the larger tile does it faster (o / down M = 640, 29.8 / 84.0 us vs 32.9 / 101.5
-//   for two 128-token CTAs per SM, gemm_h100_amended_rule.log);
+//   tiles fit one wave where the 128-token ones do not, however few they are: an SM then
+//   computes 256 tokens either way, and the larger tile does it faster (o / down M = 640, 29.8
+//   / 84.0 us vs 32.9 / 101.5 for two 128-token CTAs per SM, gemm_h100_amended_rule.log; g128
+//   3584 x 4608 M = 512, 72 tiles on 132 SMs, 26.2 vs 35.6, gemm_h100_wide_any_n.log), but not
+//   where it is the other way round: 256-token tiles in two waves, 128-token ones all at once
+//   two per SM (N = 3584, M = 1152: 140 tiles of 256 tokens took 47.1 us, 252 of 128 31.4);
 // - else 128 tokens where they give ~0.7 CTAs per SM, counting split-K where each split keeps
 //   >= 32 k blocks (shorter splits lost to smaller tiles: qkv M = 128, 64 tokens 26 us vs 128
 //   tokens split in 2, 30 us), or from M = 65 where the N tiles alone outnumber the SMs (gate_up
@@ -552,10 +555,12 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   auto padding = [&](int tile) { return (m + tile - 1) / tile * tile - m; };
   const bool wide = n_tiles > sms;  // 128-token tiles from registers, two CTAs per SM
   const bool only_256_in_one_wave = tiles(256) <= sms && tiles(128) > sms;
-  if (m > 128 && 10 * tiles(256) >= 7 * sms &&
-      (8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256 || only_256_in_one_wave)) {
+  const bool two_128_per_sm_in_one_wave = tiles(256) > sms && tiles(128) <= 2 * sms;
+  if (m > 128 && !two_128_per_sm_in_one_wave &&
+      (only_256_in_one_wave || (10 * tiles(256) >= 7 * sms &&
+                                8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256))) {
     bm = 256;
-  } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide)) {
+  } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide || two_128_per_sm_in_one_wave)) {
     bm = 128;
   } else {
     bm = 64;
@@ -564,20 +569,24 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   stages = bm == 64 ? (tiles(64) > sms ? 6 : 8) : (bm == 128 && tma ? 6 : 4);
 }
 
-// 192-channel tiles (3 math warpgroups) for per-channel weights where N is a multiple of 192 and
-// they fill the SMs' last wave better than the 128-channel tile chosen above. A tile's time is
-// about proportional to its area, so a choice costs waves x area; the 192-channel tile takes over
-// where it costs at most 90% as much. The 64-token one only within one wave: beyond it, its
-// lower arithmetic intensity cost more than the model counts (3584 x 4608, M = 3072: 107.8 us
-// vs 93.2 for 256 x 128 tiles). Measured on the H100 (gemm_h100_wide_tiles.log, each tile forced
-// beside the rule): qkv (N = 6144) M = 256, 64 x 192 tiles 17.2 us vs 20.3 (128 tiles against 96
-// of 128 x 128 on 132 SMs); M = 512 / 1024 / 1536, 128 x 192 tiles 24.8 / 45.3 / 64.5 us vs
-// 28.8 / 52.3 / 77.5 for 256 x 128; N = 12288, M = 256-768, 12-17% faster. Two 128-token CTAs
-// per SM take turns on the tensor cores, so they count as two waves: 3584 x 4608 M = 512, 144 of
-// them took 28.6 us against 21.7 for 96 tiles of 128 x 192. Per-group weights gained nothing
-// from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
+// 192-channel tiles (3 math warpgroups) for per-channel weights where they fill the SMs' waves
+// better than the 128-channel tile chosen above; where N is not a multiple of 192 the last tile
+// holds 64 or 128 channels. A choice costs waves x tile area, but per area the 128 x 192 tile
+// runs ~17% slower than 256 x 128 once many waves hide the tail (gate_up M = 4608: 955.9 vs
+// 807.9 us), so it takes over only where it costs at most 80% as much: gate_up M = 768 (7 waves
+// against 6, 87.5%) lost 164.6 vs 145.2 us. The 64-token one only within one wave: beyond it,
+// its lower arithmetic intensity cost more than the model counts (3584 x 4608, M = 3072: 107.8
+// us vs 93.2 for 256 x 128 tiles). Measured on the H100, each tile forced beside the rule
+// (gemm_h100_wide_tiles.log, gemm_h100_wide_any_n.log): qkv (N = 6144) M = 256, 64 x 192 tiles
+// 17.2 us vs 20.3 (128 tiles against 96 of 128 x 128 on 132 SMs); M = 512 / 1024 / 1536, 128 x
+// 192 tiles 24.8 / 45.3 / 64.5 us vs 28.8 / 52.3 / 77.5 for 256 x 128; N = 12288, M = 256-768,
+// 12-17% faster; o (N = 4096) M = 384, 64 x 192 17.4 vs 20.8; M = 640 / 1152 / 1536, 128 x 192
+// 24.4 / 42.6 / 45.0 vs 29.1 / 52.6 / 52.9 (down 68.3 / 133.7 / 145.8 vs 83.9 / 163.6 / 167.7).
+// Two 128-token CTAs per SM take turns on the tensor cores, so they count as two waves: 3584 x
+// 4608 M = 512, 144 of them took 28.6 us against 21.7 for 96 tiles of 128 x 192. Per-group
+// weights gained nothing from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
 static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& wide_stages) {
-  if (m <= 128 || n % 192 != 0) {
+  if (m <= 128) {
     return false;
   }
   auto tiles = [&](int tile_m, int tile_n) {
@@ -590,7 +599,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
   if (2 * tiles(bm, 128) <= sms) {
     return false;
   }
-  int64_t best = cost(bm, 128) * 9 / 10;
+  int64_t best = cost(bm, 128) * 8 / 10;
   wide_bm = 0;
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {

@@ -386,23 +386,32 @@ def test_wgmma_kernel_is_used_on_hopper():
     assert _C.wgmma_available()
 
 
+# Qwen2.5-7B's qkv and o: the tile rule's two-waves cases.
+DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584)}
+
+
 @pytest.mark.parametrize("shape,m,g,tile", [
     ("llama3_qkv", 256, -1, (64, 8, 3)), ("llama3_qkv", 1024, -1, (128, 5, 3)),
     ("llama3_qkv", 2048, -1, (256, 4, 2)), ("llama3_qkv", 1024, 128, (256, 4, 2)),
     ("llama3_o", 1024, -1, (256, 4, 2)), ("llama3_qkv", 384, -1, (128, 5, 3)),
-    ("llama3_o", 640, -1, (256, 4, 2)), ("llama3_o", 640, 128, (256, 4, 2)),
-    ("llama3_o", 384, -1, (128, 6, 2))])
+    ("llama3_o", 640, -1, (128, 5, 3)), ("llama3_o", 640, 128, (256, 4, 2)),
+    ("llama3_o", 384, -1, (64, 8, 3)), ("qwen7_qkv", 512, 128, (256, 4, 2)),
+    ("llama3_o", 512, -1, (128, 6, 2)), ("llama3_gate_up", 768, -1, (256, 4, 2)),
+    ("qwen7_o", 1152, -1, (128, 4, 2)), ("qwen7_o", 1152, 128, (128, 4, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
-    tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md); M =
-    2048, g128 and N = 4096 keep the 128-channel tile. o at M = 640 takes one wave of 256-token
-    tiles in both group modes, not two 128-token CTAs per SM; at M = 384 one wave of 128-token
-    tiles. Read from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
+    does o (N = 4096, a last tile of 64 channels) at M = 384 and 640; M = 2048, g128, o at M =
+    512 (one wave of 128 x 128 already) and gate_up at M = 768 (six waves of 256 x 128 against
+    seven of 128 x 192) keep the 128-channel tile. g128 o at M = 640 and Qwen qkv at M = 512
+    take one wave of 256-token tiles, not two 128-token CTAs per SM; Qwen o at M = 1152 the
+    other way round (252 128-token tiles two per SM, not 140 of 256 tokens in two waves). Read
+    from the kernel's name in a profile: (tokens, slots, warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
-    k, n = SHAPES[shape]
+    k, n = DISPATCH_SHAPES[shape]
     t = make_layer(k, n, g, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ws = ops.workspace("cuda", n)
