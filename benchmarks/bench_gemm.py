@@ -236,6 +236,7 @@ IMPLS = {
     # mostly idle: qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256 128 x 192 tiles.
     "qqq_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, warpgroups=3),
     "qqq_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, warpgroups=3),
+    "qqq_g128_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, group=128, warpgroups=3),
     "qqq_g128_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, group=128, warpgroups=3),
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
