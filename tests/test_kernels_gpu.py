@@ -97,8 +97,8 @@ def test_mma_kernel_above_16_matches_reference(shape, m, g):
 @pytest.mark.parametrize("bm,stages,producer_warp,warpgroups", WGMMA_TILES)
 def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroups, g):
     """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
-    split-K and not, a partial N tile: of 192-channel tiles, llama3_o's last holds 64 channels),
-    not only where the dispatch picks it."""
+    split-K and not, a partial N tile: of 192-channel tiles, llama3_o's last holds 64 channels
+    and qwen_qkv's 128), not only where the dispatch picks it."""
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
@@ -106,7 +106,7 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroup
     _C.set_wgmma_min_m(1)
     try:
         for shape, m in (("llama3_qkv", 1), ("llama3_down", 50), ("small_partial_n", 130),
-                         ("qwen_down", 257), ("llama3_o", 600)):
+                         ("qwen_down", 257), ("llama3_o", 600), ("qwen_qkv", 600)):
             check_gemm(shape, m, g)
     finally:
         _C.set_wgmma_tile(0, 0)
