@@ -229,6 +229,7 @@ IMPLS = {
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
     "qqq_tile_128x4": setup_qqq_tile(128, 4, False),
     "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
+    "qqq_g128_tile_tma_128x6": setup_qqq_tile(128, 6, True, group=128),
     "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, True),
     "qqq_g128_tile_tma_256x4": setup_qqq_tile(256, 4, True, group=128),
     "qqq_g128_tile_128x4": setup_qqq_tile(128, 4, False, group=128),
