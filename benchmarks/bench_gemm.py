@@ -86,6 +86,25 @@ setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
 setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
+# The quantization dividing every entry by its scale (not only where x * (1 / scale) could round
+# to another integer).
+setup_qqq_divide_all = setup_qqq_switched(lambda c: c.set_quant_divide_all(True),
+                                          lambda c: c.set_quant_divide_all(False))
+
+
+def setup_quant_only(divide_all):
+    """The activations' quantization kernel alone (its share of qqq_channel)."""
+    def setup(k, n):
+        from vllm_qqq import _C
+
+        def f(x):
+            _C.set_quant_divide_all(divide_all)
+            try:
+                return torch.ops.qqq.quant_per_token(x)
+            finally:
+                _C.set_quant_divide_all(False)
+        return f, k * n // 2
+    return setup
 
 
 # M <= 16 forced onto one small-M kernel: narrow (K split over the warps of a CTA) or split-K,
@@ -209,6 +228,9 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
+    "qqq_channel_divide_all": setup_qqq_divide_all,
+    "qqq_quant_only": setup_quant_only(False),
+    "qqq_quant_only_divide_all": setup_quant_only(True),
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
