@@ -249,6 +249,7 @@ IMPLS = {
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
+    **{f"qqq_g128_tile_tma_64x{st}": setup_qqq_tile(64, st, True, group=128) for st in (6, 8)},
     "qqq_tile_128x4": setup_qqq_tile(128, 4, False),
     "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
     "qqq_g128_tile_tma_128x6": setup_qqq_tile(128, 6, True, group=128),

@@ -532,7 +532,11 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
 // - else 128 tokens where they give ~0.7 CTAs per SM, counting split-K where each split keeps
 //   >= 32 k blocks (shorter splits lost to smaller tiles: qkv M = 128, 64 tokens 26 us vs 128
 //   tokens split in 2, 30 us), or from M = 65 where the N tiles alone outnumber the SMs (gate_up
-//   M = 128: 34.6 us vs 51.9 with 64-token tiles; at M = 64 28.7 vs 31.4 the other way);
+//   M = 128: 34.6 us vs 51.9 with 64-token tiles; at M = 64 28.7 vs 31.4 the other way), or
+//   where they fit one wave and 64-token tiles would run two CTAs per SM, however few they are
+//   (g128 3584 x 3584 M = 384, 84 tiles on 132 SMs: 22.1 us vs 28.2; 1536 x 2048 M = 640: 12.4
+//   vs 14.9; 3584 x 4608 M = 256: 21.6 vs 27.8; per-channel 19.0 vs 22.0, 11.0 vs 12.4,
+//   gemm_h100_g128_tiles.log);
 // - else 64 tokens: 8 slots (one CTA per SM) or, when their CTAs exceed the SMs, 6 slots (two CTAs
 //   per SM; gate_up M = 64 28.7 us vs 32.3 with 8).
 // A 128-token tile with more tiles than SMs loads with cp.async, two CTAs per SM (four warpgroups
@@ -556,11 +560,13 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   const bool wide = n_tiles > sms;  // 128-token tiles from registers, two CTAs per SM
   const bool only_256_in_one_wave = tiles(256) <= sms && tiles(128) > sms;
   const bool two_128_per_sm_in_one_wave = tiles(256) > sms && tiles(128) <= 2 * sms;
+  const bool only_128_in_one_wave = tiles(128) <= sms && tiles(64) > sms;
   if (m > 128 && !two_128_per_sm_in_one_wave &&
       (only_256_in_one_wave || (10 * tiles(256) >= 7 * sms &&
                                 8 * (padding(256) - padding(128)) <= (m + 255) / 256 * 256))) {
     bm = 256;
-  } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide || two_128_per_sm_in_one_wave)) {
+  } else if (m > 64 && (10 * ctas(128) >= 7 * sms || wide || two_128_per_sm_in_one_wave ||
+                        only_128_in_one_wave)) {
     bm = 128;
   } else {
     bm = 64;
@@ -569,7 +575,7 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   stages = bm == 64 ? (tiles(64) > sms ? 6 : 8) : (bm == 128 && tma ? 6 : 4);
 }
 
-// 192-channel tiles (3 math warpgroups) for per-channel weights where they fill the SMs' waves
+// 192-channel tiles (3 math warpgroups) where they fill the SMs' waves
 // better than the 128-channel tile chosen above; where N is not a multiple of 192 the last tile
 // holds 64 or 128 channels. A choice costs waves x tile area, but per area the 128 x 192 tile
 // runs ~17% slower than 256 x 128 once many waves hide the tail (gate_up M = 4608: 955.9 vs
@@ -584,8 +590,13 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 // 24.4 / 42.6 / 45.0 vs 29.1 / 52.6 / 52.9 (down 68.3 / 133.7 / 145.8 vs 83.9 / 163.6 / 167.7).
 // Two 128-token CTAs per SM take turns on the tensor cores, so they count as two waves: 3584 x
 // 4608 M = 512, 144 of them took 28.6 us against 21.7 for 96 tiles of 128 x 192. Per-group
-// weights gained nothing from them (H200, qkv M = 1024: 53.9 vs 53.2 us).
-static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& wide_stages) {
+// weights take the 64-token one only (g128 o / down M = 384: 23.1 / 67.7 us vs 24.6 / 74.6, qkv
+// M = 256 22.9 vs 24.1, 3584 x 3584 M = 384 21.2 vs 22.1); the 128-token one gained nothing for
+// them (o M = 640 29.5 vs 29.2, qkv M = 1024 53.6 vs 52.0; H200 qkv 1024 53.9 vs 53.2), and lost
+// where two 128 x 128 CTAs per SM fit (3584 x 3584 M = 1152: 47.0 vs 37.8;
+// gemm_h100_g128_tiles.log).
+static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& wide_bm,
+                             int& wide_stages) {
   if (m <= 128) {
     return false;
   }
@@ -604,6 +615,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, int& wide_bm, int& w
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {
     const bool one_wave = tiles(tile[0], 192) <= sms;
+    if (grouped && tile[0] == 128) continue;
     if (10 * tiles(tile[0], 192) >= 7 * sms && (tile[0] == 128 || one_wave) &&
         cost(tile[0], 192) <= best) {
       best = cost(tile[0], 192);
@@ -623,7 +635,7 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   if (bm == 0) {
     choose_tile(m, n, k, sms, bm, stages, tma);
     int wide_bm = 0, wide_stages = 0;
-    if (!GROUPED && choose_wide_tile(m, n, sms, bm, wide_bm, wide_stages)) {
+    if (choose_wide_tile(m, n, sms, bm, GROUPED, wide_bm, wide_stages)) {
       bm = wide_bm;
       stages = wide_stages;
       tma = true;
