@@ -86,23 +86,23 @@ setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
 setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
-# The quantization dividing every entry by its scale (not only where x * (1 / scale) could round
-# to another integer).
-setup_qqq_divide_all = setup_qqq_switched(lambda c: c.set_quant_divide_all(True),
-                                          lambda c: c.set_quant_divide_all(False))
+# The quantization dividing every entry by its scale (0), or rounding x * (1 / scale) with the
+# division only where that could round to another integer (1), at every M.
+setup_qqq_divide_all = setup_qqq_switched(lambda c: c.set_quant_product(0),
+                                          lambda c: c.set_quant_product(-1))
 
 
-def setup_quant_only(divide_all):
+def setup_quant_only(product=-1):
     """The activations' quantization kernel alone (its share of qqq_channel)."""
     def setup(k, n):
         from vllm_qqq import _C
 
         def f(x):
-            _C.set_quant_divide_all(divide_all)
+            _C.set_quant_product(product)
             try:
                 return torch.ops.qqq.quant_per_token(x)
             finally:
-                _C.set_quant_divide_all(False)
+                _C.set_quant_product(-1)
         return f, k * n // 2
     return setup
 
@@ -229,8 +229,9 @@ IMPLS = {
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
     "qqq_channel_divide_all": setup_qqq_divide_all,
-    "qqq_quant_only": setup_quant_only(False),
-    "qqq_quant_only_divide_all": setup_quant_only(True),
+    "qqq_quant_only": setup_quant_only(),
+    "qqq_quant_only_divide_all": setup_quant_only(0),
+    "qqq_quant_only_product": setup_quant_only(1),
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},

@@ -55,9 +55,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),
         "Tuning/tests: launch the quantization kernel as a programmatic dependent launch "
         "(sm_90+, default).");
-  m.def("set_quant_divide_all", &qqq::set_quant_divide_all, py::arg("on"),
-        "Tuning/tests: the quantization divides every entry by its scale (default: only where "
-        "the reciprocal's product could round to another integer; the same codes either way).");
+  m.def("set_quant_product", &qqq::set_quant_product, py::arg("mode"),
+        "Tuning/tests: the quantization rounds x * (1 / scale), dividing only where that could "
+        "round to another integer (1), divides every entry (0), or the first from 1024 rows "
+        "(-1, default). The same codes either way.");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def(

@@ -98,9 +98,10 @@ void set_pdl(bool on);
 // The quantization kernel itself as a programmatic dependent launch after whatever kernel comes
 // before it (it waits for that kernel before reading x; sm_90+; default on).
 void set_quant_pdl(bool on);
-// The quantization's IEEE division for every entry, not only where x * (1 / scale) could round
-// to another integer (tests, A/B; default off: the same codes either way).
-void set_quant_divide_all(bool on);
+// How the quantization rounds x / scale (the same codes either way; tests, A/B): 1 by x times
+// 1 / scale with the division only where that could round to another integer, 0 by the division
+// for every entry, -1 (default) the first from kProductMinRows rows, the second below.
+void set_quant_product(int mode);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the loads by every thread
 // (cp.async) or by a producer (the copy engine), warpgroups x 64 channels (2, or 3 for the
 // producer tiles 64 x 8 and 128 x 5); bm = 0: chosen by M.

@@ -1,8 +1,9 @@
 // Per-token symmetric int8 quantization, bit-identical to vllm_qqq.reference.quantize_per_token:
 // scale = absmax / 127 (fp32, IEEE division), q = round_half_even(x / scale) clamped to int8,
 // an all-zero row gets scale 0 and q 0. One block per row, 16-byte accesses; rows of up to
-// 16384 entries are read once into registers. Each x / scale is x times the row's reciprocal,
-// with the IEEE division only where that could round to another integer (round_quotient).
+// 16384 entries are read once into registers. From kProductMinRows rows, each x / scale is x
+// times the row's reciprocal, with the IEEE division only where that could round to another
+// integer (round_quotient).
 #include "common.cuh"
 #include "kernels.h"
 
@@ -13,9 +14,15 @@ constexpr int kQuantThreads = 256;
 // activation): measured 0.5-0.7 us less per call on qkv / o at M = 1-64, gemm_h100_quant_pdl.log.
 static bool quant_pdl = true;
 void set_quant_pdl(bool on) { quant_pdl = on; }
-// Tuning/tests: the IEEE division for every entry instead of the reciprocal's product.
-static bool quant_divide_all = false;
-void set_quant_divide_all(bool on) { quant_divide_all = on; }
+// The reciprocal's product instead of the division from this many rows, where the kernel is
+// bound by its instructions rather than by latency: quantization alone, M = 1024, qkv / o /
+// gate_up / down 7.0 / 6.7 / 7.3 / 20.3 us against 7.6 / 7.5 / 7.6 / 22.0 (M = 4096 18.9 /
+// 18.7 / 20.3 / 63.4 against 21.0 / 21.0 / 22.1 / 68.9); at M = 16 it was 0.2-0.6 us slower
+// (likely its branch per entry, which keeps a thread's 8-64 entries from overlapping; not
+// profiled), gemm_h100_quant_product.log.
+constexpr int kProductMinRows = 1024;
+static int quant_product = -1;  // set_quant_product
+void set_quant_product(int mode) { quant_product = mode; }
 
 // round_half_even(x / s) for the IEEE quotient x / s, given r = 1 / s (IEEE, s normal). x * r is
 // within 3 units in the last place of the quotient (r and the product each round once), under
@@ -28,9 +35,10 @@ __device__ __forceinline__ float round_quotient(float x, float s, float r) {
   return rintf(y);
 }
 
-// The 8 codes of one 16-byte vector of x at scale s, rounded as the reference rounds; r = 1 / s,
-// or 0 to divide every entry (s subnormal: 1 / s may overflow).
-template <typename T>
+// The 8 codes of one 16-byte vector of x at scale s, rounded as the reference rounds: by the
+// division, or (kProduct) by the product with r = 1 / s where r > 0 (0: s subnormal, where 1 / s
+// may overflow, also divides).
+template <typename T, bool kProduct>
 __device__ __forceinline__ uint2 quantize_vector(const uint4& v, float s, float r) {
   const T* e = reinterpret_cast<const T*>(&v);
   uint32_t packed[2];
@@ -42,7 +50,8 @@ __device__ __forceinline__ uint2 quantize_vector(const uint4& v, float s, float 
       int qi = 0;
       if (s > 0.f) {
         const float x = OutType<T>::to_float(e[4 * h + j]);
-        const float code = r > 0.f ? round_quotient(x, s, r) : rintf(__fdiv_rn(x, s));
+        const float code =
+            kProduct && r > 0.f ? round_quotient(x, s, r) : rintf(__fdiv_rn(x, s));
         qi = static_cast<int>(fminf(fmaxf(code, -128.f), 127.f));
       }
       word |= (static_cast<uint32_t>(qi) & 0xff) << (8 * j);
@@ -61,8 +70,8 @@ __device__ __forceinline__ float vector_absmax(const uint4& v, float amax) {
 }
 
 // The r of quantize_vector: 1 / s where s is normal (a zero row's s = 0 leaves every code 0).
-__device__ __forceinline__ float reciprocal(float s, bool divide_all) {
-  return !divide_all && s >= 1.17549435e-38f ? __frcp_rn(s) : 0.f;
+__device__ __forceinline__ float reciprocal(float s) {
+  return s >= 1.17549435e-38f ? __frcp_rn(s) : 0.f;
 }
 
 __device__ __forceinline__ float block_absmax(float amax) {
@@ -81,13 +90,12 @@ __device__ __forceinline__ float block_absmax(float amax) {
 // once, and kept in registers: one memory round trip, where a loop over the row had one per
 // iteration and a second pass (measured: 4.6 us for one 4096-wide row, Nsight Compute, cold).
 // kVecs = 0: any K, two passes over the row (the second mostly from L1/L2).
-template <typename T, int kVecs>
+template <typename T, int kVecs, bool kProduct>
 __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T* __restrict__ x,
                                                                         int k,
                                                                         int8_t* __restrict__ q,
                                                                         float* __restrict__ scale,
-                                                                        bool gemm_follows,
-                                                                        bool divide_all) {
+                                                                        bool gemm_follows) {
   // Launched early itself (set_quant_pdl), it waits for the kernel that wrote x. The GEMM after
   // it may start its weight prefetch at once (kernels.h); any other kernel only after the wait.
   if (gemm_follows) allow_dependent_grid();
@@ -108,42 +116,52 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
     }
 #pragma unroll
     for (int j = 0; j < kVecs; j++) amax = vector_absmax<T>(v[j], amax);
-    const float s = __fdiv_rn(block_absmax(amax), 127.f), r = reciprocal(s, divide_all);
+    const float s = __fdiv_rn(block_absmax(amax), 127.f), r = kProduct ? reciprocal(s) : 0.f;
     if (threadIdx.x == 0) scale[row] = s;
 #pragma unroll
     for (int j = 0; j < kVecs; j++) {
       const int i = threadIdx.x + j * kQuantThreads;
-      if (i < vecs) qr[i] = quantize_vector<T>(v[j], s, r);
+      if (i < vecs) qr[i] = quantize_vector<T, kProduct>(v[j], s, r);
     }
   } else {
     for (int i = threadIdx.x; i < vecs; i += kQuantThreads) amax = vector_absmax<T>(xr[i], amax);
-    const float s = __fdiv_rn(block_absmax(amax), 127.f), r = reciprocal(s, divide_all);
+    const float s = __fdiv_rn(block_absmax(amax), 127.f), r = kProduct ? reciprocal(s) : 0.f;
     if (threadIdx.x == 0) scale[row] = s;
     for (int i = threadIdx.x; i < vecs; i += kQuantThreads) {
-      qr[i] = quantize_vector<T>(xr[i], s, r);
+      qr[i] = quantize_vector<T, kProduct>(xr[i], s, r);
     }
   }
 }
 
 // The kernel for rows of `vecs` 16-byte vectors: the smallest register variant that holds them.
-template <typename T>
+template <typename T, bool kProduct>
 static void launch_quant(const T* x, int m, int k, int8_t* q, float* scale, bool gemm_follows,
                          bool pdl, cudaStream_t stream) {
   const int per_thread = (k / 8 + kQuantThreads - 1) / kQuantThreads;
   auto go = [&](auto kernel) {
     launch_kernel(kernel, dim3(m), dim3(kQuantThreads), 0, stream, pdl, "quant_per_token launch",
-                  x, k, q, scale, gemm_follows, quant_divide_all);
+                  x, k, q, scale, gemm_follows);
   };
   if (per_thread <= 1) {
-    go(quant_per_token_kernel<T, 1>);
+    go(quant_per_token_kernel<T, 1, kProduct>);
   } else if (per_thread <= 2) {
-    go(quant_per_token_kernel<T, 2>);
+    go(quant_per_token_kernel<T, 2, kProduct>);
   } else if (per_thread <= 4) {
-    go(quant_per_token_kernel<T, 4>);
+    go(quant_per_token_kernel<T, 4, kProduct>);
   } else if (per_thread <= 8) {
-    go(quant_per_token_kernel<T, 8>);
+    go(quant_per_token_kernel<T, 8, kProduct>);
   } else {
-    go(quant_per_token_kernel<T, 0>);
+    go(quant_per_token_kernel<T, 0, kProduct>);
+  }
+}
+
+template <typename T>
+static void launch_quant(const T* x, int m, int k, int8_t* q, float* scale, bool gemm_follows,
+                         bool pdl, cudaStream_t stream) {
+  if (quant_product < 0 ? m >= kProductMinRows : quant_product > 0) {
+    launch_quant<T, true>(x, m, k, q, scale, gemm_follows, pdl, stream);
+  } else {
+    launch_quant<T, false>(x, m, k, q, scale, gemm_follows, pdl, stream);
   }
 }
 

@@ -55,20 +55,20 @@ def reference(x, t, bias):
 # and the two-pass loop above 16384.
 @pytest.mark.parametrize("m,k", [(1, 128), (3, 4096), (64, 14336), (4096, 1536), (257, 8),
                                  (2, 16384), (5, 2056), (3, 20480)])
-@pytest.mark.parametrize("divide_all", [False, True])
-def test_quant_kernel_bit_identical(m, k, dtype, divide_all):
+@pytest.mark.parametrize("product", [1, 0, -1])
+def test_quant_kernel_bit_identical(m, k, dtype, product):
     """Both ways of rounding x / scale: x times the reciprocal with the division only near a
-    half-integer (the default), and the division for every entry."""
+    half-integer (1), the division for every entry (0), and the default choice by M (-1)."""
     x = (torch.randn(m, k, device="cuda") * torch.rand(m, 1, device="cuda") * 20).to(dtype)
     x[0, : min(k, 5)] = 0
     if m > 2:
         x[2] = 0  # an all-zero row
-    check_quant_kernel(x, divide_all)
+    check_quant_kernel(x, product)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("divide_all", [False, True])
-def test_quant_kernel_rounds_exact_halves_to_even(dtype, divide_all):
+@pytest.mark.parametrize("product", [1, 0])
+def test_quant_kernel_rounds_exact_halves_to_even(dtype, product):
     """fp16 rows whose quotients x / scale are exactly k + 1/2 at scales that are not powers of
     two, where x * (1 / scale) lands a hair off the half and alone would round the wrong way (the
     reference rounds to even); bf16 cannot hold such rows, so there the same rows rounded to bf16,
@@ -85,22 +85,22 @@ def test_quant_kernel_rounds_exact_halves_to_even(dtype, divide_all):
         assert (q_ref[:3, :254] % 2 == 0).all(), "rounded to even codes"
     else:
         assert 0 < s_ref[3].item() < torch.finfo(torch.float32).tiny, "a subnormal scale"
-    check_quant_kernel(x, divide_all)
+    check_quant_kernel(x, product)
 
 
-def check_quant_kernel(x, divide_all):
+def check_quant_kernel(x, product):
     m, k = x.shape
     q = torch.full((m, k), 0x55, dtype=torch.int8, device="cuda")  # poison
     s = torch.full((m, 1), float("nan"), device="cuda")
     from vllm_qqq import _C
-    _C.set_quant_divide_all(divide_all)
+    _C.set_quant_product(product)
     try:
         _C.quant_per_token(x.data_ptr(), ops._DTYPE_CODE[x.dtype], m, k, q.data_ptr(),
                            s.data_ptr(), True, torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
         q2, s2 = torch.ops.qqq.quant_per_token(x)
     finally:
-        _C.set_quant_divide_all(False)
+        _C.set_quant_product(-1)
     q_ref, s_ref = quantize_per_token(x.cpu())
     assert torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu(), q_ref)
