@@ -17,7 +17,7 @@ void set_quant_pdl(bool on) { quant_pdl = on; }
 // The reciprocal's product instead of the division from this many rows, where the kernel is
 // bound by its instructions rather than by latency: quantization alone, M = 1024, qkv / o /
 // gate_up / down 7.0 / 6.7 / 7.3 / 20.3 us against 7.6 / 7.5 / 7.6 / 22.0 (M = 4096 18.9 /
-// 18.7 / 20.3 / 63.4 against 21.0 / 21.0 / 22.1 / 68.9); at M = 16 it was 0.2-0.6 us slower
+// 18.7 / 20.3 / 63.4 against 21.0 / 21.0 / 22.1 / 68.9); at M = 1-16 it was 0.2-1.2 us slower
 // (likely its branch per entry, which keeps a thread's 8-64 entries from overlapping; not
 // profiled), gemm_h100_quant_product.log.
 constexpr int kProductMinRows = 1024;

@@ -575,9 +575,9 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
   stages = bm == 64 ? (tiles(64) > sms ? 6 : 8) : (bm == 128 && tma ? 6 : 4);
 }
 
-// 192-channel tiles (3 math warpgroups) where they fill the SMs' waves
-// better than the 128-channel tile chosen above; where N is not a multiple of 192 the last tile
-// holds 64 or 128 channels. A choice costs waves x tile area, but per area the 128 x 192 tile
+// 192-channel tiles (3 math warpgroups) where they fill the SMs' waves better than the
+// 128-channel tile chosen above; where N is not a multiple of 192 the last tile holds 64 or 128
+// channels. A choice costs waves x tile area, but per area the 128 x 192 tile
 // runs ~17% slower than 256 x 128 once many waves hide the tail (gate_up M = 4608: 955.9 vs
 // 807.9 us), so it takes over only where it costs at most 80% as much: gate_up M = 768 (7 waves
 // against 6, 87.5%) lost 164.6 vs 145.2 us. The 64-token one only within one wave: beyond it,
