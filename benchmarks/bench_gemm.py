@@ -63,12 +63,13 @@ def setup_qqq(g):
     return setup
 
 
-def setup_qqq_switched(switch_on, switch_off, group=-1):
-    """Per-channel (or `group`) with a kernel switch of vllm_qqq._C set around each call (the
-    kernel is chosen on the host, so the switch holds in the captured graphs)."""
+def setup_qqq_switched(switch_on, switch_off, group=-1, base=None):
+    """Per-channel (or `group`; or the `base` setup) with a kernel switch of vllm_qqq._C set
+    around each call (the kernel is chosen on the host, so the switch holds in the captured
+    graphs)."""
     def setup(k, n):
         from vllm_qqq import _C
-        f, nbytes = setup_qqq(group)(k, n)
+        f, nbytes = (base or setup_qqq(group))(k, n)
 
         def g(x):
             switch_on(_C)
@@ -86,25 +87,18 @@ setup_qqq_mma = setup_qqq_switched(lambda c: c.set_wgmma(False), lambda c: c.set
 setup_qqq_nopdl = setup_qqq_switched(lambda c: c.set_pdl(False), lambda c: c.set_pdl(True))
 setup_qqq_quant_plain = setup_qqq_switched(lambda c: c.set_quant_pdl(False),
                                            lambda c: c.set_quant_pdl(True))
-# The quantization dividing every entry by its scale (0), or rounding x * (1 / scale) with the
-# division only where that could round to another integer (1), at every M.
-setup_qqq_divide_all = setup_qqq_switched(lambda c: c.set_quant_product(0),
-                                          lambda c: c.set_quant_product(-1))
 
 
-def setup_quant_only(product=-1):
+def setup_quant_only(k, n):
     """The activations' quantization kernel alone (its share of qqq_channel)."""
-    def setup(k, n):
-        from vllm_qqq import _C
+    return lambda x: torch.ops.qqq.quant_per_token(x), k * n // 2
 
-        def f(x):
-            _C.set_quant_product(product)
-            try:
-                return torch.ops.qqq.quant_per_token(x)
-            finally:
-                _C.set_quant_product(-1)
-        return f, k * n // 2
-    return setup
+
+# The quantization dividing every entry by its scale (mode 0), or rounding x * (1 / scale) with
+# the division only where that could round to another integer (mode 1), at every M.
+def setup_quant_product(mode, base=None):
+    return setup_qqq_switched(lambda c: c.set_quant_product(mode),
+                              lambda c: c.set_quant_product(-1), base=base)
 
 
 # M <= 16 forced onto one small-M kernel: narrow (K split over the warps of a CTA) or split-K,
@@ -228,10 +222,10 @@ IMPLS = {
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
     "qqq_channel_quant_plain": setup_qqq_quant_plain,
-    "qqq_channel_divide_all": setup_qqq_divide_all,
-    "qqq_quant_only": setup_quant_only(),
-    "qqq_quant_only_divide_all": setup_quant_only(0),
-    "qqq_quant_only_product": setup_quant_only(1),
+    "qqq_channel_divide_all": setup_quant_product(0),
+    "qqq_quant_only": setup_quant_only,
+    "qqq_quant_only_divide_all": setup_quant_product(0, base=setup_quant_only),
+    "qqq_quant_only_product": setup_quant_product(1, base=setup_quant_only),
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},

@@ -614,8 +614,8 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
   wide_bm = 0;
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {
-    const bool one_wave = tiles(tile[0], 192) <= sms;
     if (grouped && tile[0] == 128) continue;
+    const bool one_wave = tiles(tile[0], 192) <= sms;
     if (10 * tiles(tile[0], 192) >= 7 * sms && (tile[0] == 128 || one_wave) &&
         cost(tile[0], 192) <= best) {
       best = cost(tile[0], 192);

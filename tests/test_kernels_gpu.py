@@ -439,8 +439,8 @@ DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
-    does o (N = 4096, a last tile of 64 channels) at M = 384 and 640; M = 2048, g128, o at M =
-    512 (one wave of 128 x 128 already) and gate_up at M = 768 (six waves of 256 x 128 against
+    does o (N = 4096, a last tile of 64 channels) at M = 384 and 640; M = 2048, g128 qkv at
+    M = 1024, o at M = 512 (one wave of 128 x 128 already) and gate_up at M = 768 (six waves of 256 x 128 against
     seven of 128 x 192) keep the 128-channel tile. g128 o at M = 640 and Qwen qkv at M = 512
     take one wave of 256-token tiles, not two 128-token CTAs per SM; Qwen o at M = 1152 the
     other way round (252 128-token tiles two per SM, not 140 of 256 tokens in two waves).
