@@ -77,7 +77,8 @@ def test_quant_kernel_rounds_exact_halves_to_even(dtype, product):
     for step in (3 / 64, 5 / 256, 7 / 32):  # scale = step: x and 127 * step exact in fp16
         halves = (torch.arange(-127, 127, dtype=torch.float64) + 0.5) * step
         rows.append(torch.cat([halves, torch.tensor([127 * step, -127 * step]), torch.zeros(8)]))
-    tiny = torch.linspace(-1, 1, 264, dtype=torch.float64) * (1e-37 if dtype == torch.bfloat16 else 1)
+    tiny = torch.linspace(-1, 1, 264, dtype=torch.float64)
+    tiny *= 1e-37 if dtype == torch.bfloat16 else 1
     x = torch.stack(rows + [tiny]).to(dtype).cuda()
     q_ref, s_ref = quantize_per_token(x.cpu())
     if dtype == torch.float16:
@@ -420,9 +421,9 @@ def test_wgmma_kernel_is_used_on_hopper():
     assert _C.wgmma_available()
 
 
-# Qwen2.5-7B's qkv and o, Llama-3-70B's qkv: the tile rule's waves cases.
+# Qwen2.5-7B's qkv and o, Llama-3-70B's qkv, Llama-2-7B's gate_up: the tile rule's waves cases.
 DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
-                   "llama70_qkv": (8192, 10240)}
+                   "llama70_qkv": (8192, 10240), "llama2_gate_up": (4096, 22016)}
 
 
 @pytest.mark.parametrize("shape,m,g,tile", [
@@ -434,19 +435,23 @@ DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
     ("llama3_o", 512, -1, (128, 6, 2)), ("llama3_gate_up", 768, -1, (256, 4, 2)),
     ("qwen7_o", 1152, -1, (128, 4, 2)), ("qwen7_o", 1152, 128, (128, 4, 2)),
     ("llama3_o", 384, 128, (64, 8, 3)), ("llama3_qkv", 256, 128, (64, 8, 3)),
-    ("qwen7_o", 384, 128, (64, 8, 3)), ("llama70_qkv", 128, -1, (128, 6, 2)),
-    ("llama70_qkv", 128, 128, (128, 6, 2))])
+    ("qwen7_o", 384, 128, (64, 8, 3)), ("llama70_qkv", 128, -1, (64, 8, 3)),
+    ("llama70_qkv", 128, 128, (64, 8, 3)), ("llama2_gate_up", 32, -1, (64, 8, 3)),
+    ("llama2_gate_up", 16, 128, (64, 8, 3)), ("llama3_gate_up", 64, -1, (64, 6, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
     does o (N = 4096, a last tile of 64 channels) at M = 384 and 640; M = 2048, g128 qkv at
-    M = 1024, o at M = 512 (one wave of 128 x 128 already) and gate_up at M = 768 (six waves of 256 x 128 against
-    seven of 128 x 192) keep the 128-channel tile. g128 o at M = 640 and Qwen qkv at M = 512
-    take one wave of 256-token tiles, not two 128-token CTAs per SM; Qwen o at M = 1152 the
-    other way round (252 128-token tiles two per SM, not 140 of 256 tokens in two waves).
-    g128 takes the 64 x 192 tile in one wave (o / Qwen o at M = 384, qkv at 256), and one wave
-    of 80 128-token tiles beats 160 64-token ones two per SM (Llama-3-70B qkv, M = 128). Read
-    from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    M = 1024, o at M = 512 (one wave of 128 x 128 already) and gate_up at M = 768 (six waves of
+    256 x 128 against seven of 128 x 192) keep the 128-channel tile. g128 o at M = 640 and Qwen
+    qkv at M = 512 take one wave of 256-token tiles, not two 128-token CTAs per SM; Qwen o at
+    M = 1152 the other way round (252 128-token tiles two per SM, not 140 of 256 tokens in two
+    waves).
+    g128 takes the 64 x 192 tile in one wave (o / Qwen o at M = 384, qkv at 256). Up to 128
+    tokens, both take the 64 x 192 tile where it fills one wave and 64 x 128 tiles do not
+    (Llama-2-7B gate_up at M = 16 / 32, Llama-3-70B qkv at M = 128); Llama-3-8B gate_up at
+    M = 64 (150 such tiles) keeps two 64 x 128 CTAs per SM. Read from the kernel's name in a
+    profile: (tokens, slots, warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
