@@ -257,6 +257,10 @@ IMPLS = {
     "qqq_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, warpgroups=3),
     "qqq_g128_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, group=128, warpgroups=3),
     "qqq_g128_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, group=128, warpgroups=3),
+    # 256 channels a CTA (4 math warpgroups): one wave of 64-token tiles where 192-channel ones
+    # overflow it (Llama-3-8B gate_up, N = 28672: 112 tiles against 150 of 192 channels).
+    "qqq_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, warpgroups=4),
+    "qqq_g128_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, group=128, warpgroups=4),
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

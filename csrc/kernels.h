@@ -104,7 +104,7 @@ void set_quant_pdl(bool on);
 void set_quant_product(int mode);
 // Force the Hopper kernel's tile: bm tokens (64, 128, 256) x stages, the loads by every thread
 // (cp.async) or by a producer (the copy engine), warpgroups x 64 channels (2, or 3 for the
-// producer tiles 64 x 8 and 128 x 5); bm = 0: chosen by M.
+// producer tiles 64 x 8 and 128 x 5, 4 for 64 x 7); bm = 0: chosen by M.
 void set_wgmma_tile(int bm, int stages, bool producer_warp, int warpgroups);
 
 }  // namespace qqq

@@ -61,7 +61,8 @@ constexpr int kDefaultWarpgroups = 2;
 template <int BM, int STAGES, bool TMA, int WG>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
-  static_assert(WG == 2 || (WG == 3 && TMA), "3 warpgroups with the producer only");
+  static_assert(WG == 2 || ((WG == 3 || WG == 4) && TMA),
+                "3 or 4 warpgroups with the producer only");
   static constexpr int THREADS = WG * 128;
   static constexpr int BN = WG * 64;
   static constexpr int X_BYTES = BM * kBK;
@@ -72,7 +73,7 @@ struct Tile {
   // One CTA per SM with the producer (not the 64-token tile of 6 slots, two CTAs per SM): such
   // CTAs take tile after tile, the producer loading the next while the math warps run the last
   // one's epilogue, so its output rows are staged beside the ring; otherwise in the ring.
-  static constexpr bool PERSISTENT = TMA && (BM > 64 || STAGES == 8);
+  static constexpr bool PERSISTENT = TMA && !(BM == 64 && STAGES == 6);
   // The epilogue stages each warpgroup's output rows, ROUND_TOKENS tokens x its 64 channels at a
   // time (16-byte rows 144 bytes apart: stmatrix's eight rows fall in different banks).
   static constexpr int ROUND_TOKENS = BM < 128 ? BM : 128;
@@ -100,14 +101,29 @@ __device__ __forceinline__ void by_parity(int iters, Step& step) {
 // The producer after the math warpgroups (TMA): one warp, or a whole warpgroup where the math
 // warpgroups need more registers than an even share, which the producer warpgroup then gives up
 // (setmaxnreg works per warpgroup): the 256-token tile (128 accumulators + 32 weight registers
-// per thread; 232 registers) and three math warpgroups (152: with a producer warp, 13 warps,
-// ptxas held the kernel to 128 registers and serialized the 128-token tile's wgmmas, C7512).
+// per thread; 232 registers) and three or four math warpgroups (152 or 112: with a producer
+// warp, 13 warps, ptxas held the kernel to 128 registers and serialized the 128-token tile's
+// wgmmas, C7512; with 17 warps the 64 x 256 tile's too, at 96).
 template <bool TMA, int BM, int WG>
-constexpr int kProducerThreads = !TMA ? 0 : (BM == 256 || WG == 3 ? 128 : 32);
+constexpr int kProducerThreads = !TMA ? 0 : (BM == 256 || WG >= 3 ? 128 : 32);
 template <bool TMA, int BM, int WG>
 constexpr bool kMoveRegisters = kProducerThreads<TMA, BM, WG> == 128;
+// setmaxnreg moves registers within the CTA's pool, what it was launched with: every thread x
+// the kernel's count, at most 64 K / threads rounded down to 8 (one CTA per SM). An increase the
+// pool cannot cover waits forever, so the producer's and the math warpgroups' shares must fit it:
+// 4 math warpgroups launch at 96 (640 threads, 61440 registers), 32 x 128 + 112 x 512 exactly.
+// (ptxas launched every such kernel at that most, checked with -Xptxas -v; fewer would hang.)
 template <int WG>
-constexpr int kMathRegisters = WG == 2 ? 232 : 152;  // 40 for the producer warpgroup: <= 64 K
+constexpr int kProducerRegisters = WG == 4 ? 32 : 40;
+template <int WG>
+constexpr int kMathRegisters = WG == 2 ? 232 : WG == 3 ? 152 : 112;
+template <bool TMA, int BM, int WG, int CTAS_PER_SM>
+constexpr bool registers_fit_pool() {
+  constexpr int threads = WG * 128 + kProducerThreads<TMA, BM, WG>;
+  return !kMoveRegisters<TMA, BM, WG> ||
+         128 * kProducerRegisters<WG> + WG * 128 * kMathRegisters<WG> <=
+             threads * (65536 / CTAS_PER_SM / threads / 8 * 8);
+}
 
 template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
 __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
@@ -121,6 +137,8 @@ __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BM, STAGES, TMA, WG>;
+  static_assert(registers_fit_pool<TMA, BM, WG, T::PERSISTENT ? 1 : 2>(),
+                "setmaxnreg shares exceed the registers the CTA is launched with");
   constexpr int kStages = STAGES, kThreads = T::THREADS, kBN = T::BN;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -334,7 +352,9 @@ __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
     }
     __syncthreads();
     if (warp >= kThreads / 32) {
-      if constexpr (kMoveRegisters<TMA, BM, WG>) set_max_registers<false, 40>();
+      if constexpr (kMoveRegisters<TMA, BM, WG>) {
+        set_max_registers<false, kProducerRegisters<WG>>();
+      }
       if (warp == kThreads / 32 && lane == 0) {
         const int n8_tiles = n / 8;
         int j = 0;
@@ -667,6 +687,10 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   QQQ_TILE(256, 4, true, 2)
   QQQ_TILE(64, 8, true, 3)
   QQQ_TILE(128, 5, true, 3)
+  // 256 channels (7 slots: 8 and the staging rows exceed shared memory). Forced only
+  // (set_wgmma_tile), for Llama-3-8B gate_up at M <= 64: 112 such tiles fill one wave where
+  // 192-channel ones make 150. Not yet measured.
+  QQQ_TILE(64, 7, true, 4)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
                               std::to_string(stages) + " stages" + (tma ? " (producer warp)" : "") +

@@ -19,7 +19,7 @@ M_ALL = [1, 2, 7, 9, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
 # (tokens, stages, producer warp, warpgroups of 64 channels)
 WGMMA_TILES = [(64, 6, True, 2), (64, 8, True, 2), (128, 4, False, 2), (128, 6, True, 2),
-               (256, 4, True, 2), (64, 8, True, 3), (128, 5, True, 3)]
+               (256, 4, True, 2), (64, 8, True, 3), (128, 5, True, 3), (64, 7, True, 4)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
@@ -133,7 +133,8 @@ def test_mma_kernel_above_16_matches_reference(shape, m, g):
 def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroups, g):
     """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
     split-K and not, a partial N tile: of 192-channel tiles, llama3_o's last holds 64 channels
-    and qwen_qkv's 128), not only where the dispatch picks it."""
+    and qwen_qkv's 128; of 256-channel ones, small_partial_n's holds 192 and wide_partial_n's
+    64), not only where the dispatch picks it."""
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
@@ -141,7 +142,8 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroup
     _C.set_wgmma_min_m(1)
     try:
         for shape, m in (("llama3_qkv", 1), ("llama3_down", 50), ("small_partial_n", 130),
-                         ("qwen_down", 257), ("llama3_o", 600), ("qwen_qkv", 600)):
+                         ("qwen_down", 257), ("llama3_o", 600), ("qwen_qkv", 600),
+                         ("wide_partial_n", 40)):
             check_gemm(shape, m, g)
     finally:
         _C.set_wgmma_tile(0, 0)
