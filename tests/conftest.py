@@ -1,3 +1,4 @@
+import faulthandler
 import os
 import subprocess
 import sys
@@ -7,6 +8,33 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# fd 2 as the terminal has it: pytest redirects it while a test runs (not while it configures),
+# and what goes to the redirect is lost if the process exits in the middle of a test.
+_STDERR_FD = []
+
+
+def pytest_configure(config):
+    _STDERR_FD.append(os.dup(2))
+
+
+@pytest.fixture(autouse=True)
+def gpu_hang_guard(request):
+    """A kernel that never finishes leaves its test blocked in a CUDA call that no signal
+    interrupts, and the device call would run to its limit with nothing of the steps after it.
+    Past QQQ_GPU_TEST_LIMIT_S seconds (default 180; a kernel test takes seconds) the test's
+    stack goes to stderr and the process exits with status 1. Tests marked vllm run vLLM in
+    subprocesses, under their own timeouts."""
+    if "gpu" not in request.keywords or "vllm" in request.keywords or not _STDERR_FD:
+        yield
+        return
+    limit = float(os.environ.get("QQQ_GPU_TEST_LIMIT_S", "180"))
+    faulthandler.dump_traceback_later(limit, exit=True, file=_STDERR_FD[0])
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):
