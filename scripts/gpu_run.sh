@@ -3,12 +3,19 @@
 #   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all bench-ab vllm e2e
 #   profile serve serve-auto decode-diag ncu
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
+# GPU_CALL_S: the seconds the device call leaves this script (its limit less a margin). Each step
+# then runs in a process of its own under timeout of what is left, so one that overruns loses
+# only itself (what it wrote under $OUT stays and comes back), and a step is skipped when less is
+# left than it usually takes on the H100 (usual_s; GPU_STEP_S="bench=300 e2e=600" overrides).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
 out=${OUT:-out/gpu}
 mkdir -p "$out"
 source .gpu/setup.sh || exit 1
-echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+if [ -z "${GPU_RUN_ONE:-}" ]; then
+  echo "device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
+fi
 # The results' names carry the GPU model (gemm_h100.json, gemm_h200.json): the device tool has
 # lent H100s and H200s, whose memory bandwidths differ by ~1.4x.
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'H[0-9]{3}|A100|L40S?' \
@@ -22,8 +29,16 @@ prepare() {
     --prepare-only
 }
 serve_args="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
-for step in "$@"; do
-  echo "=== $step ($(date +%T))"
+usual_s() {
+  local pair seconds=0
+  for pair in build=60 test=240 sanitize=90 vllm=270 bench=120 bench-all=420 bench-ab=300 \
+    e2e=200 profile=300 serve=420 serve-auto=300 ncu=240 decode-diag=240 ${GPU_STEP_S:-}; do
+    [ "${pair%%=*}" = "$1" ] && seconds=${pair#*=}
+  done
+  echo "$seconds"
+}
+run_step() {
+  local step=$1
   case $step in
     build)
       python3 -m pip install -q --no-build-isolation --no-deps --no-index \
@@ -148,5 +163,33 @@ assert c.__file__.startswith(os.getcwd()), c.__file__") || exit 1
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
+}
+if [ -n "${GPU_RUN_ONE:-}" ]; then
+  run_step "$1"
+  exit $status
+fi
+start=$SECONDS
+for step in "$@"; do
+  echo "=== $step ($(date +%T))"
+  if [ -z "${GPU_CALL_S:-}" ]; then
+    run_step "$step"
+    continue
+  fi
+  left=$((GPU_CALL_S - (SECONDS - start)))
+  need=$(usual_s "$step")
+  if [ "$left" -lt "$need" ]; then
+    echo "skipped: $left s left, $step usually takes $need s"
+    status=1
+    continue
+  fi
+  GPU_RUN_ONE=1 timeout -k 5 "$left" bash "$self" "$step"
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "stopped: $step ran past the $left s left"
+  fi
+  if [ $rc -ne 0 ]; then
+    status=1
+    [ "$step" = build ] && exit 1  # the steps after it need the extension
+  fi
 done
 exit $status
