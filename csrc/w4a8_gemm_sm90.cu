@@ -74,6 +74,7 @@ struct Tile {
   // CTAs take tile after tile, the producer loading the next while the math warps run the last
   // one's epilogue, so its output rows are staged beside the ring; otherwise in the ring.
   static constexpr bool PERSISTENT = TMA && !(BM == 64 && STAGES == 6);
+  static constexpr int CTAS_PER_SM = PERSISTENT ? 1 : 2;
   // The epilogue stages each warpgroup's output rows, ROUND_TOKENS tokens x its 64 channels at a
   // time (16-byte rows 144 bytes apart: stmatrix's eight rows fall in different banks).
   static constexpr int ROUND_TOKENS = BM < 128 ? BM : 128;
@@ -128,7 +129,7 @@ constexpr bool registers_fit_pool() {
 template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
 __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
                                       kProducerThreads<TMA, BM, WG>,
-                                  Tile<BM, STAGES, TMA, WG>::PERSISTENT ? 1 : 2)
+                                  Tile<BM, STAGES, TMA, WG>::CTAS_PER_SM)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
                            const half* __restrict__ group, const Out* __restrict__ bias,
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BM, STAGES, TMA, WG>;
-  static_assert(registers_fit_pool<TMA, BM, WG, T::PERSISTENT ? 1 : 2>(),
+  static_assert(registers_fit_pool<TMA, BM, WG, T::CTAS_PER_SM>(),
                 "setmaxnreg shares exceed the registers the CTA is launched with");
   constexpr int kStages = STAGES, kThreads = T::THREADS, kBN = T::BN;
   extern __shared__ uint8_t smem_raw[];
