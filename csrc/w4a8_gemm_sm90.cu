@@ -118,17 +118,19 @@ template <int WG>
 constexpr int kProducerRegisters = WG == 4 ? 32 : 40;
 template <int WG>
 constexpr int kMathRegisters = WG == 2 ? 232 : WG == 3 ? 152 : 112;
-template <bool TMA, int BM, int WG, int CTAS_PER_SM>
+// The threads a CTA launches with: the math warpgroups and the producer.
+template <int BM, int STAGES, bool TMA, int WG>
+constexpr int kCtaThreads = Tile<BM, STAGES, TMA, WG>::THREADS + kProducerThreads<TMA, BM, WG>;
+template <int BM, int STAGES, bool TMA, int WG>
 constexpr bool registers_fit_pool() {
-  constexpr int threads = WG * 128 + kProducerThreads<TMA, BM, WG>;
+  constexpr int threads = kCtaThreads<BM, STAGES, TMA, WG>;
   return !kMoveRegisters<TMA, BM, WG> ||
          128 * kProducerRegisters<WG> + WG * 128 * kMathRegisters<WG> <=
-             threads * (65536 / CTAS_PER_SM / threads / 8 * 8);
+             threads * (65536 / Tile<BM, STAGES, TMA, WG>::CTAS_PER_SM / threads / 8 * 8);
 }
 
 template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
-__global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
-                                      kProducerThreads<TMA, BM, WG>,
+__global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
                                   Tile<BM, STAGES, TMA, WG>::CTAS_PER_SM)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                            const uint32_t* __restrict__ b, const float* __restrict__ scale,
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(Tile<BM, STAGES, TMA, WG>::THREADS +
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = Tile<BM, STAGES, TMA, WG>;
-  static_assert(registers_fit_pool<TMA, BM, WG, T::CTAS_PER_SM>(),
+  static_assert(registers_fit_pool<BM, STAGES, TMA, WG>(),
                 "setmaxnreg shares exceed the registers the CTA is launched with");
   constexpr int kStages = STAGES, kThreads = T::THREADS, kBN = T::BN;
   extern __shared__ uint8_t smem_raw[];
@@ -509,7 +511,7 @@ static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, con
   constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA, WG>;
   using T = Tile<BM, STAGES, TMA, WG>;
   constexpr int smem = T::SMEM_BYTES, kBN = T::BN;
-  constexpr int threads = T::THREADS + kProducerThreads<TMA, BM, WG>;
+  constexpr int threads = kCtaThreads<BM, STAGES, TMA, WG>;
   allow_smem<kernel, smem>();
   static const int per_sm = [] {
     int blocks = 0;
