@@ -619,7 +619,7 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 // where two 128 x 128 CTAs per SM fit (3584 x 3584 M = 1152: 47.0 vs 37.8;
 // gemm_h100_g128_tiles.log).
 static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& wide_bm,
-                             int& wide_stages) {
+                             int& wide_stages, int& wide_warpgroups) {
   auto tiles = [&](int tile_m, int tile_n) {
     return static_cast<int64_t>((m + tile_m - 1) / tile_m) * ((n + tile_n - 1) / tile_n);
   };
@@ -628,14 +628,24 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
   // gate_up (4096 x 22016) M = 32 / 64 21.1 / 21.2 us vs 23.6 / 23.5, g128 M = 16-64 23.0-23.4
   // vs 30.8-31.2; Qwen2.5-1.5B gate_up (1536 x 17920) M = 32 / 64 9.8 / 9.7 vs 11.4 / 11.6;
   // Llama-3-70B qkv (8192 x 10240) M = 128 27.5 vs 33.9, g128 38.8 vs 42.1 (gemm_h100_tile64.log).
+  // Where 64 x 192 tiles overflow the wave too, the 64 x 256 tile (4 math warpgroups) where it
+  // fills one (up to 64 tokens, as measured): Llama-3-8B gate_up (4096 x 28672, 112 tiles) g128 M = 16 / 32 / 64 28.8 / 29.0 /
+  // 29.6 us vs 32.7 / 31.6 / 32.0 for two 64 x 128 CTAs per SM (Machete W4A16 31.4 at M = 16);
+  // per-channel 26.8-27.7 vs 27.6-27.9. Where it fills less (Llama-2-7B gate_up, 86 tiles) the
+  // 64 x 192 one stays faster: g128 27.0 vs 22.9 (gemm_h100_tile256.log).
   if (m <= 128) {
+    wide_bm = 64;
+    wide_warpgroups = 3;
+    wide_stages = 8;
     if (tiles(64, 192) <= sms && tiles(64, 128) > sms && 10 * tiles(64, 192) >= 7 * sms) {
-      wide_bm = 64;
-      wide_stages = 8;
       return true;
     }
-    return false;
+    wide_warpgroups = 4;
+    wide_stages = 7;
+    return m <= 64 && tiles(64, 256) <= sms && tiles(64, 192) > sms &&
+           10 * tiles(64, 256) >= 7 * sms;
   }
+  wide_warpgroups = 3;
   auto cost = [&](int tile_m, int tile_n) {
     return (tiles(tile_m, tile_n) + sms - 1) / sms * tile_m * tile_n;
   };
@@ -667,12 +677,12 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   bool tma = forced_tma;
   if (bm == 0) {
     choose_tile(m, n, k, sms, bm, stages, tma);
-    int wide_bm = 0, wide_stages = 0;
-    if (choose_wide_tile(m, n, sms, bm, GROUPED, wide_bm, wide_stages)) {
+    int wide_bm = 0, wide_stages = 0, wide_warpgroups = 0;
+    if (choose_wide_tile(m, n, sms, bm, GROUPED, wide_bm, wide_stages, wide_warpgroups)) {
       bm = wide_bm;
       stages = wide_stages;
       tma = true;
-      wg = 3;
+      wg = wide_warpgroups;
     }
   } else if (forced_warpgroups > 0) {
     wg = forced_warpgroups;
@@ -690,9 +700,8 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   QQQ_TILE(256, 4, true, 2)
   QQQ_TILE(64, 8, true, 3)
   QQQ_TILE(128, 5, true, 3)
-  // 256 channels (7 slots: 8 and the staging rows exceed shared memory). Forced only
-  // (set_wgmma_tile), for Llama-3-8B gate_up at M <= 64: 112 such tiles fill one wave where
-  // 192-channel ones make 150. Not yet measured.
+  // 256 channels (7 slots: 8 and the staging rows exceed shared memory), up to 64 tokens where
+  // 112 such tiles fill one wave and 192-channel ones make 150 (Llama-3-8B gate_up).
   QQQ_TILE(64, 7, true, 4)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
