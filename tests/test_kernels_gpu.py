@@ -440,7 +440,7 @@ DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
     ("qwen7_o", 384, 128, (64, 8, 3)), ("llama70_qkv", 128, -1, (64, 8, 3)),
     ("llama70_qkv", 128, 128, (64, 8, 3)), ("llama2_gate_up", 32, -1, (64, 8, 3)),
     ("llama2_gate_up", 16, 128, (64, 8, 3)), ("llama3_gate_up", 64, -1, (64, 7, 4)),
-    ("llama3_gate_up", 16, 128, (64, 7, 4)), ("llama3_gate_up", 128, -1, (64, 6, 2))])
+    ("llama3_gate_up", 16, 128, (64, 7, 4)), ("llama3_gate_up", 128, -1, (128, 4, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
@@ -454,8 +454,8 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     tokens, both take the 64 x 192 tile where it fills one wave and 64 x 128 tiles do not
     (Llama-2-7B gate_up at M = 16 / 32, Llama-3-70B qkv at M = 128); where those overflow it
     too, the 64 x 256 tile where it fills one (Llama-3-8B gate_up at M = 16 / 64: 112 such
-    tiles, 150 of 64 x 192); at M = 128 (224) two 64 x 128 CTAs per SM. Read from the kernel's name in a
-    profile: (tokens, slots, warpgroups)."""
+    tiles, 150 of 64 x 192); at M = 128 (224 such tiles) one wave of 128 x 128 tiles. Read
+    from the kernel's name in a profile: (tokens, slots, warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
