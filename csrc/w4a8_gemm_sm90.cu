@@ -629,23 +629,26 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
   // vs 30.8-31.2; Qwen2.5-1.5B gate_up (1536 x 17920) M = 32 / 64 9.8 / 9.7 vs 11.4 / 11.6;
   // Llama-3-70B qkv (8192 x 10240) M = 128 27.5 vs 33.9, g128 38.8 vs 42.1 (gemm_h100_tile64.log).
   // Where 64 x 192 tiles overflow the wave too, the 64 x 256 tile (4 math warpgroups) where it
-  // fills one (up to 64 tokens, as measured): Llama-3-8B gate_up (4096 x 28672, 112 tiles) g128 M = 16 / 32 / 64 28.8 / 29.0 /
-  // 29.6 us vs 32.7 / 31.6 / 32.0 for two 64 x 128 CTAs per SM (Machete W4A16 31.4 at M = 16);
-  // per-channel 26.8-27.7 vs 27.6-27.9. Where it fills less (Llama-2-7B gate_up, 86 tiles) the
-  // 64 x 192 one stays faster: g128 27.0 vs 22.9 (gemm_h100_tile256.log).
+  // fills one (up to 64 tokens, as measured): Llama-3-8B gate_up (4096 x 28672, 112 tiles) g128
+  // M = 16 / 32 / 64 28.8 / 29.0 / 29.6 us vs 32.7 / 31.6 / 32.0 for two 64 x 128 CTAs per SM
+  // (Machete W4A16 31.4 at M = 16); per-channel 26.8-27.7 vs 27.6-27.9. Where it fills less
+  // (Llama-2-7B gate_up, 86 tiles) the 64 x 192 one stays faster: g128 27.0 vs 22.9
+  // (gemm_h100_tile256.log).
+  auto pick = [&](int tile_m, int slots, int warpgroups) {
+    wide_bm = tile_m;
+    wide_stages = slots;
+    wide_warpgroups = warpgroups;
+    return true;
+  };
+  // 64-token tiles of tile_n channels fill one wave, at least 70% of it.
+  auto fill_one_wave = [&](int tile_n) {
+    return tiles(64, tile_n) <= sms && 10 * tiles(64, tile_n) >= 7 * sms;
+  };
   if (m <= 128) {
-    wide_bm = 64;
-    wide_warpgroups = 3;
-    wide_stages = 8;
-    if (tiles(64, 192) <= sms && tiles(64, 128) > sms && 10 * tiles(64, 192) >= 7 * sms) {
-      return true;
-    }
-    wide_warpgroups = 4;
-    wide_stages = 7;
-    return m <= 64 && tiles(64, 256) <= sms && tiles(64, 192) > sms &&
-           10 * tiles(64, 256) >= 7 * sms;
+    if (fill_one_wave(192) && tiles(64, 128) > sms) return pick(64, 8, 3);
+    if (m <= 64 && fill_one_wave(256) && tiles(64, 192) > sms) return pick(64, 7, 4);
+    return false;
   }
-  wide_warpgroups = 3;
   auto cost = [&](int tile_m, int tile_n) {
     return (tiles(tile_m, tile_n) + sms - 1) / sms * tile_m * tile_n;
   };
@@ -662,8 +665,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
     if (10 * tiles(tile[0], 192) >= 7 * sms && (tile[0] == 128 || one_wave) &&
         cost(tile[0], 192) <= best) {
       best = cost(tile[0], 192);
-      wide_bm = tile[0];
-      wide_stages = tile[1];
+      pick(tile[0], tile[1], 3);
     }
   }
   return wide_bm != 0;
