@@ -261,6 +261,10 @@ IMPLS = {
     # overflow it (Llama-3-8B gate_up, N = 28672: 112 tiles against 150 of 192 channels).
     "qqq_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, warpgroups=4),
     "qqq_g128_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, group=128, warpgroups=4),
+    # 16 or 32 tokens a CTA: a quarter or half of the 64-token tile's tensor work up to M = 16 / 32.
+    **{f"qqq_{name}tile_tma_{bm}x{st}{'_wg4' * (wg == 4)}": setup_qqq_tile(bm, st, True, group, wg)
+       for bm, st, wg in ((16, 12, 2), (32, 10, 2), (16, 7, 4), (32, 6, 4))
+       for name, group in (("", -1), ("g128_", 128))},
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),

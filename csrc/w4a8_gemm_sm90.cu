@@ -18,8 +18,8 @@
 //   barrier (the 128-token tile with two CTAs per SM, which has no room for a producer warp's
 //   registers).
 //
-// BM = 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where the loop
-// waits on memory rather than on the tensor cores. Tiles that run one CTA per SM are persistent:
+// BM = 16, 32, 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where
+// the loop waits on memory rather than on the tensor cores. Tiles that run one CTA per SM are persistent:
 // one CTA per SM takes tile after tile, its producer filling the ring for the next tile while the
 // math warpgroups run the last one's epilogue.
 //
@@ -54,7 +54,7 @@ constexpr int kBK = 128;
 // M = 1024 is 192 256-token tiles on 132 SMs, but 256 128-token tiles of 192 channels.
 constexpr int kDefaultWarpgroups = 2;
 
-// BM tokens per CTA (wgmma's N: 64, 128 or 256) and STAGES slots in the load ring; loads run
+// BM tokens per CTA (wgmma's N: 16, 32, 64, 128 or 256) and STAGES slots in the load ring; loads run
 // STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
 // fills the ring with the copy engine, ahead as far as the slots the math warps have released.
 // WG math warpgroups (THREADS threads) compute BN output channels.
@@ -223,7 +223,11 @@ __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
     for (int ks = 0; ks < kBK / 32; ks++) {
       const uint64_t db = wgmma_desc_sw128(x_base + ks * 32);
       const bool accumulate = it > 0 || ks > 0;
-      if constexpr (BM == 64) {
+      if constexpr (BM == 16) {
+        wgmma_m64n16k32_rs(acc, afrag[p][ks], db, accumulate);
+      } else if constexpr (BM == 32) {
+        wgmma_m64n32k32_rs(acc, afrag[p][ks], db, accumulate);
+      } else if constexpr (BM == 64) {
         wgmma_m64n64k32_rs(acc, afrag[p][ks], db, accumulate);
       } else if constexpr (BM == 128) {
         wgmma_m64n128k32_rs(acc, afrag[p][ks], db, accumulate);
@@ -705,6 +709,12 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   // 256 channels (7 slots: 8 and the staging rows exceed shared memory), up to 64 tokens where
   // 112 such tiles fill one wave and 192-channel ones make 150 (Llama-3-8B gate_up).
   QQQ_TILE(64, 7, true, 4)
+  // Up to 32 tokens: wgmma of 16 or 32 tokens does a quarter or half of the 64-token tile's
+  // tensor work at M <= 16 / 32, the ring about as many bytes deep.
+  QQQ_TILE(16, 12, true, 2)
+  QQQ_TILE(32, 10, true, 2)
+  QQQ_TILE(16, 7, true, 4)
+  QQQ_TILE(32, 6, true, 4)
 #undef QQQ_TILE
   throw std::invalid_argument("vllm_qqq: no wgmma tile of " + std::to_string(bm) + " tokens x " +
                               std::to_string(stages) + " stages" + (tma ? " (producer warp)" : "") +

@@ -19,7 +19,8 @@ M_ALL = [1, 2, 7, 9, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
 # (tokens, stages, producer warp, warpgroups of 64 channels)
 WGMMA_TILES = [(64, 6, True, 2), (64, 8, True, 2), (128, 4, False, 2), (128, 6, True, 2),
-               (256, 4, True, 2), (64, 8, True, 3), (128, 5, True, 3), (64, 7, True, 4)]
+               (256, 4, True, 2), (64, 8, True, 3), (128, 5, True, 3), (64, 7, True, 4),
+               (16, 12, True, 2), (32, 10, True, 2), (16, 7, True, 4), (32, 6, True, 4)]
 # (K, N): Llama-2-7B / Llama-3-8B / Qwen2.5-1.5B linears, and small ones with a partial N tile.
 SHAPES = {
     "llama3_qkv": (4096, 6144), "llama3_o": (4096, 4096), "llama3_gate_up": (4096, 28672),
