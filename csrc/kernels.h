@@ -42,11 +42,18 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
 inline bool large_weight(int k, int n) {
   return static_cast<int64_t>(k) * n >= (int64_t{32} << 20);
 }
+// Whether `tiles` CTAs fill one wave of the SMs, at least 70% of it.
+inline bool fills_one_wave(int64_t tiles, int sms) { return tiles <= sms && 10 * tiles >= 7 * sms; }
 // The smallest M the Hopper kernel takes by default: from 17 tokens, as the narrow kernel beats
-// it below on every shape per-channel (gate_up M = 10: 27.1 vs 30.5 us, down 17.0 vs 18.8); from
-// 10 on large g128 weights, where the narrow kernel is slow and a 64-token tile beats split-K
-// from M = 10-12. Measured, NOTES.md "GEMM".
-inline int wgmma_default_min_m(int k, int n, bool grouped) {
+// it below on most shapes per-channel (down M = 16: 15.0 vs 16.5 us for the 16-token tile, qkv
+// 8.0 vs 11.3); from 10 on large g128 weights, where the narrow kernel is slow and the Hopper
+// kernel beats split-K from M = 8-10 (down M = 8: 19.7 us vs 20.8; M = 1: 18.6 vs 16.8); from 1
+// on large weights whose 256-channel tiles fill one wave (Llama-3-8B gate_up: 112 tiles), where
+// its 16 x 256 tile wins at every M (M = 1 / 8 / 16: per-channel 24.2 / 24.9 / 25.0 us vs the
+// narrow kernel's 25.3 / 26.2 / 27.4; g128 25.6 / 26.6 / 27.0 vs 28.0 / 28.9 / 28.8).
+// Measured on the H100, NOTES.md "GEMM" (gemm_h100_tile16.log).
+inline int wgmma_default_min_m(int k, int n, bool grouped, int sms) {
+  if (large_weight(k, n) && fills_one_wave((n + 255) / 256, sms)) return 1;
   return grouped && large_weight(k, n) ? 10 : 17;
 }
 constexpr int kWgmmaPartialRows = 1024;

@@ -373,8 +373,9 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
   const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                prefetch_weights && pdl_allowed && pdl_supported(), stream};
-  const int min_m = wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, group != nullptr);
   static const int sms = sm_count();
+  const int min_m =
+      wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, group != nullptr, sms);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
                     c.ws_partial, c.ws_count, sms, c.pdl, stream);

@@ -287,7 +287,7 @@ def test_cuda_graph_and_compile(monkeypatch):
     def f(x):
         return ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
 
-    for m in (1, 48, 100, 300):  # mma.sync split-K; wgmma split-K (64, 128 tiles); wgmma
+    for m in (1, 20, 48, 100, 300):  # narrow; wgmma split-K (32, 64, 128 tiles); wgmma
         static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         f(static_x)  # warm up outside the graph
         torch.cuda.synchronize()
@@ -329,7 +329,8 @@ def chain_layers(k, count):
     return layers
 
 
-@pytest.mark.parametrize("m", [1, 16, 200])  # the narrow kernel, its ring full; the Hopper kernel
+# the narrow kernel, its ring full; the Hopper kernel (32- and 128-token tiles)
+@pytest.mark.parametrize("m", [1, 16, 24, 200])
 def test_chained_linears_in_a_graph_wait_for_each_other(m):
     """Linears fed by the one before, back to back in a CUDA graph, every kernel a programmatic
     launch (each GEMM starts while its quantization runs): each layer bit-identical to the
@@ -441,7 +442,10 @@ DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
     ("qwen7_o", 384, 128, (64, 8, 3)), ("llama70_qkv", 128, -1, (64, 8, 3)),
     ("llama70_qkv", 128, 128, (64, 8, 3)), ("llama2_gate_up", 32, -1, (64, 8, 3)),
     ("llama2_gate_up", 16, 128, (64, 8, 3)), ("llama3_gate_up", 64, -1, (64, 7, 4)),
-    ("llama3_gate_up", 16, 128, (64, 7, 4)), ("llama3_gate_up", 128, -1, (128, 4, 2))])
+    ("llama3_gate_up", 128, -1, (128, 4, 2)), ("llama3_gate_up", 1, -1, (16, 7, 4)),
+    ("llama3_gate_up", 16, 128, (16, 7, 4)), ("llama3_gate_up", 32, -1, (32, 6, 4)),
+    ("llama3_down", 16, 128, (16, 12, 2)), ("llama3_qkv", 32, -1, (32, 10, 2)),
+    ("llama3_o", 17, 128, (32, 10, 2)), ("llama3_qkv", 33, -1, (64, 8, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
@@ -454,9 +458,12 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     g128 takes the 64 x 192 tile in one wave (o / Qwen o at M = 384, qkv at 256). Up to 128
     tokens, both take the 64 x 192 tile where it fills one wave and 64 x 128 tiles do not
     (Llama-2-7B gate_up at M = 16 / 32, Llama-3-70B qkv at M = 128); where those overflow it
-    too, the 64 x 256 tile where it fills one (Llama-3-8B gate_up at M = 16 / 64: 112 such
-    tiles, 150 of 64 x 192); at M = 128 (224 such tiles) one wave of 128 x 128 tiles. Read
-    from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    too, the 64 x 256 tile where it fills one (Llama-3-8B gate_up at M = 64: 112 such tiles,
+    150 of 64 x 192); at M = 128 (224 such tiles) one wave of 128 x 128 tiles. Up to 32 tokens,
+    16- or 32-token tiles where they need no second wave: 256 channels on Llama-3-8B gate_up
+    (from M = 1, either mode), 128 on qkv, o and down (g128 down from M = 10); not on Llama-2-7B
+    gate_up, which keeps the 64 x 192 tile. Read from the kernel's name in a profile: (tokens,
+    slots, warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
@@ -477,14 +484,15 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
 
 def test_layers_of_different_n_share_the_workspace():
     """Like a model's layers: one buffer, N = 4096, 6144 and 28672, alternating the Hopper
-    split-K (M = 128) and the mma.sync split-K (M = 1, 16), which share the counters and the
-    partial region."""
+    kernel's split-K (its 32-, 64- and 128-token tiles at M = 24, 40, 128 on N = 4096 / 6144),
+    the narrow kernel (M = 1, 16) and the 16-token Hopper tile (N = 28672), which share the
+    counters and the partial region."""
     layers = [make_layer(4096, n, -1, seed=n) for n in (6144, 4096, 28672)]
     for n in (6144, 4096, 28672):
         ws = ops.workspace("cuda", n)
     for _ in range(2):
         for t in layers:
-            for m in (128, 1, 200, 16, 40):
+            for m in (128, 1, 200, 16, 40, 24):
                 x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
                 ref = reference(x, t, None)[0]
                 y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
