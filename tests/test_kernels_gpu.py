@@ -13,9 +13,9 @@ from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
 
 pytestmark = pytest.mark.gpu
 DTYPES = [torch.float16, torch.bfloat16]
-# 5/6 and 16/17: the small-M / wgmma boundaries (g128 on large weights / the rest); 17, 33, 64,
+# 4/5 and 16/17: the small-M / wgmma boundaries (g128 on large weights / the rest); 17, 33, 64,
 # 65, 128, 200, 257: the wgmma kernel's token tiles (16, 32, 64, 128, 256) full and partial.
-M_ALL = [1, 2, 5, 6, 7, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
+M_ALL = [1, 2, 4, 5, 7, 10, 16, 17, 33, 64, 65, 128, 200, 257, 1024, 4096]
 # The Hopper kernel's tiles (tokens, slots, loads by a producer), w4a8_gemm_sm90.cu: every one.
 # (tokens, stages, producer warp, warpgroups of 64 channels)
 WGMMA_TILES = [(64, 6, True, 2), (64, 8, True, 2), (128, 4, False, 2), (128, 6, True, 2),
@@ -160,7 +160,7 @@ def test_small_m_kernels_either_way_match_reference(mode, g):
     kernel's (N = 192, 8256), with and without bias."""
     from vllm_qqq import _C
     _C.set_narrow(mode)
-    _C.set_wgmma_min_m(17)  # the large shapes at M = 6-16 too
+    _C.set_wgmma_min_m(17)  # the large shapes at M = 5-16 too
     try:
         for shape, m in (("llama3_qkv", 1), ("llama3_o", 9), ("llama3_down", 16), ("qwen_down", 7),
                          ("qwen_qkv", 3), ("small_partial_n", 16), ("wide_partial_n", 5),
@@ -461,7 +461,7 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     too, the 64 x 256 tile where it fills one (Llama-3-8B gate_up at M = 64: 112 such tiles,
     150 of 64 x 192); at M = 128 (224 such tiles) one wave of 128 x 128 tiles. Up to 32 tokens,
     16- or 32-token tiles where they need no second wave: 256 channels on Llama-3-8B gate_up
-    (from M = 1, either mode), 128 on qkv, o and down (g128 down from M = 6); not on Llama-2-7B
+    (from M = 1, either mode), 128 on qkv, o and down (g128 down from M = 5); not on Llama-2-7B
     gate_up, which keeps the 64 x 192 tile. Read from the kernel's name in a profile: (tokens,
     slots, warpgroups)."""
     import re
