@@ -2,6 +2,7 @@
 its own calibration data, the pipeline writes a valid checkpoint, bad calibration text is refused."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +272,18 @@ def test_calibration_on_the_gpu(tiny_fp16, calib_text, tmp_path, group_size, rot
         err = {d: ((load_fake_quant_model(p)(x).logits - a).norm() / a.norm()).item()
                for d, p in runs.items()}
     assert 0 < err["cuda"] < 1.25 * err["cpu"], err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_rtn_on_the_gpu_writes_the_cpu_checkpoint(tiny_fp16, tmp_path, group_size):
+    """Without calibration text, --device cuda rounds each layer to nearest on the GPU: the
+    same tensors as on the CPU, bit for bit (the grid's divisions and roundings are IEEE on
+    both)."""
+    paths = {d: quantize_model(tiny_fp16, tmp_path / d, group_size, device=d)
+             for d in ("cpu", "cuda")}
+    tensors = {d: {k: v for f in sorted(Path(p).glob("*.safetensors"))
+                   for k, v in load_file(f).items()} for d, p in paths.items()}
+    assert tensors["cpu"].keys() == tensors["cuda"].keys()
+    for name, t in tensors["cpu"].items():
+        assert torch.equal(t, tensors["cuda"][name]), name
