@@ -43,16 +43,20 @@ inline bool large_weight(int k, int n) {
   return static_cast<int64_t>(k) * n >= (int64_t{32} << 20);
 }
 // Whether `tiles` CTAs fill one wave of the SMs, at least 70% of it.
-inline bool fills_one_wave(int64_t tiles, int sms) { return tiles <= sms && 10 * tiles >= 7 * sms; }
-// The smallest M the Hopper kernel takes by default: from 17 tokens, as the narrow kernel beats
-// it below on most shapes per-channel (down M = 16: 15.0 vs 16.5 us for the 16-token tile, qkv
-// 8.0 vs 11.3); from 5 on large g128 weights, where the narrow kernel is slow and split-K
-// slows from M = 5 (down M = 4 / 5 / 6: 17.2 / 20.4 / 20.5 us) while the Hopper kernel's 16-token
-// tile stays at ~19 (18.6 at M = 1-4, 19.1 at 6, 19.2 at 8); from 1
-// on large weights whose 256-channel tiles fill one wave (Llama-3-8B gate_up: 112 tiles), where
-// its 16 x 256 tile wins at every M (M = 1 / 8 / 16: per-channel 24.2 / 24.9 / 25.0 us vs the
-// narrow kernel's 25.3 / 26.2 / 27.4; g128 25.6 / 26.6 / 27.0 vs 28.0 / 28.9 / 28.8).
-// Measured on the H100, NOTES.md "GEMM" (gemm_h100_tile16.log).
+inline bool fills_one_wave(int64_t tiles, int sms) {
+  return tiles <= sms && 10 * tiles >= 7 * sms;
+}
+// The smallest M the Hopper kernel takes by default (measured on the H100, NOTES.md "GEMM",
+// gemm_h100_tile16.log):
+// - from 1 on large weights whose 256-channel tiles fill one wave (Llama-3-8B gate_up, 112
+//   tiles): its 16 x 256 tile wins at every M (M = 1 / 8 / 16: per-channel 24.2 / 24.9 / 25.0
+//   us against the narrow kernel's 25.3 / 26.2 / 27.4; g128 25.6 / 26.6 / 27.0 against
+//   split-K's 28.0 / 28.9 / 28.8);
+// - from 5 on other large g128 weights (down), where the narrow kernel is slow and split-K
+//   slows from M = 5 (down M = 4 / 5 / 6: 17.2 / 20.4 / 20.5 us) while the 16-token tile stays
+//   at ~19 (18.6 at M = 1-4, 19.1 at 6, 19.2 at 8);
+// - else from 17: below, the narrow kernel wins (down M = 16: 15.0 vs 16.5 us for the 16-token
+//   tile, qkv 8.0 vs 11.3).
 inline int wgmma_default_min_m(int k, int n, bool grouped, int sms) {
   if (large_weight(k, n) && fills_one_wave((n + 255) / 256, sms)) return 1;
   return grouped && large_weight(k, n) ? 5 : 17;

@@ -19,9 +19,9 @@
 //   registers).
 //
 // BM = 16, 32, 64, 128 or 256 tokens per CTA, with a deeper ring for the smaller tiles, where
-// the loop waits on memory rather than on the tensor cores. Tiles that run one CTA per SM are persistent:
-// one CTA per SM takes tile after tile, its producer filling the ring for the next tile while the
-// math warpgroups run the last one's epilogue.
+// the loop waits on memory rather than on the tensor cores. Tiles that run one CTA per SM are
+// persistent: one CTA per SM takes tile after tile, its producer filling the ring for the next
+// tile while the math warpgroups run the last one's epilogue.
 //
 // Small grids (few N tiles, M <= 256) split K over blockIdx.z: each split stores its int32 tile
 // to the workspace, and the last split of a tile (an atomic counter) adds the others' and applies
@@ -54,10 +54,10 @@ constexpr int kBK = 128;
 // M = 1024 is 192 256-token tiles on 132 SMs, but 256 128-token tiles of 192 channels.
 constexpr int kDefaultWarpgroups = 2;
 
-// BM tokens per CTA (wgmma's N: 16, 32, 64, 128 or 256) and STAGES slots in the load ring; loads run
-// STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer warp
-// fills the ring with the copy engine, ahead as far as the slots the math warps have released.
-// WG math warpgroups (THREADS threads) compute BN output channels.
+// BM tokens per CTA (wgmma's N: 16, 32, 64, 128 or 256) and STAGES slots in the load ring; loads
+// run STAGES - 2 stages ahead (one stage's wgmma in flight, one being decoded). TMA: a producer
+// warp fills the ring with the copy engine, ahead as far as the slots the math warps have
+// released. WG math warpgroups (THREADS threads) compute BN output channels.
 template <int BM, int STAGES, bool TMA, int WG>
 struct Tile {
   static_assert(STAGES >= 3, "one slot loading, one decoding, one in flight");
