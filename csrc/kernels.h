@@ -46,6 +46,11 @@ inline bool large_weight(int k, int n) {
 inline bool fills_one_wave(int64_t tiles, int sms) {
   return tiles <= sms && 10 * tiles >= 7 * sms;
 }
+// Whether N's 256-channel tiles fill one wave: where the Hopper kernel's small-M tiles take 256
+// channels (w4a8_gemm_sm90.cu, choose_small_tile), and so take over from M = 1 (below).
+inline bool wide_tiles_fill_one_wave(int n, int sms) {
+  return fills_one_wave((n + 255) / 256, sms);
+}
 // The smallest M the Hopper kernel takes by default (measured on the H100, NOTES.md "GEMM",
 // gemm_h100_tile16.log):
 // - from 1 on large weights whose 256-channel tiles fill one wave (Llama-3-8B gate_up, 112
@@ -58,7 +63,7 @@ inline bool fills_one_wave(int64_t tiles, int sms) {
 // - else from 17: below, the narrow kernel wins (down M = 16: 15.0 vs 16.5 us for the 16-token
 //   tile, qkv 8.0 vs 11.3).
 inline int wgmma_default_min_m(int k, int n, bool grouped, int sms) {
-  if (large_weight(k, n) && fills_one_wave((n + 255) / 256, sms)) return 1;
+  if (large_weight(k, n) && wide_tiles_fill_one_wave(n, sms)) return 1;
   return grouped && large_weight(k, n) ? 5 : 17;
 }
 constexpr int kWgmmaPartialRows = 1024;

@@ -683,7 +683,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
 // tile of choose_wide_tile.
 static bool choose_small_tile(int m, int n, int sms, int& bm, int& stages, int& warpgroups) {
   const int tokens = m <= 16 ? 16 : 32;
-  const bool wide = fills_one_wave((n + 255) / 256, sms);
+  const bool wide = wide_tiles_fill_one_wave(n, sms);
   if (m > 32 || !(wide || (n + 127) / 128 <= sms)) return false;
   bm = tokens;
   warpgroups = wide ? 4 : 2;
