@@ -27,13 +27,13 @@ class Grid:
         self.group_size = group_size
         absmax = w.abs().amax(dim=1).clamp_min(_TINY)
         if group_size == -1:
-            self.channel = absmax / 7
+            self.channel = _div(absmax, 7)
             self.group = None
             if clip:
-                errors = torch.stack([_channel_error(w, absmax * c / 7) for c in CLIPS])
-                self.channel = absmax * _best(errors) / 7
+                errors = torch.stack([_channel_error(w, _div(absmax * c, 7)) for c in CLIPS])
+                self.channel = _div(absmax * _best(errors), 7)
         else:
-            self.channel = absmax / 127
+            self.channel = _div(absmax, 127)
             w3 = w.reshape(n, k // group_size, group_size)
             gmax = w3.abs().amax(dim=2).clamp_min(_TINY)
             factor = 1.0
@@ -81,6 +81,13 @@ def rtn(weight: torch.Tensor, group_size: int, clip: bool = False) -> QQQWeight:
     """Round-to-nearest QQQ quantization of a Linear weight [N, K]."""
     grid = Grid(weight, group_size, clip)
     return grid.to_weight(grid.codes(weight, 0))
+
+
+def _div(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x / d, correctly rounded on every device. CUDA computes x / <Python number> as
+    x * (1 / d), which differs from the CPU's quotient in the last bit (on about half the rows
+    at d = 7); dividing by a tensor on x's device takes CUDA's IEEE division, as the CPU does."""
+    return x / x.new_tensor(d)
 
 
 # Range factors the clipping search tries (1.0 first: ties keep the absmax range).
