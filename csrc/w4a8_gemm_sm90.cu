@@ -681,13 +681,21 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
 // 21.2 vs 14.1 / 12.1 / 29.1 / 22.6); M = 16, g128 gate_up 27.0 vs 28.8, down 19.8 vs 22.2.
 // Where neither fits (Llama-2-7B gate_up: 86 tiles of 256 channels, 172 of 128), the 64 x 192
 // tile of choose_wide_tile.
-static bool choose_small_tile(int m, int n, int sms, int& bm, int& stages, int& warpgroups) {
+// g128 on large weights at 16 tokens takes 4 warpgroups where 128 channels would fit: the
+// two-level decode (~15 instructions a word) stalls on its loads (ncu, down M = 16: 2.2 warps a
+// scheduler, 5.6 cycles per issued instruction), and twice the warps hide more of it. Down M =
+// 1 / 16: 18.2 / 18.4 us against 18.8 / 19.8 for the 2-warpgroup tile (gemm_h100_g128_wg4.log).
+// Per-channel's cheap decode prefers the 2-warpgroup tile's deeper ring (down 16.5 vs 17.0), as
+// does g128 o (10.1 vs 11.5), a small weight whose fixed costs dominate.
+static bool choose_small_tile(int m, int n, int k, int sms, bool grouped, int& bm, int& stages,
+                              int& warpgroups) {
   const int tokens = m <= 16 ? 16 : 32;
   const bool wide = wide_tiles_fill_one_wave(n, sms);
   if (m > 32 || !(wide || (n + 127) / 128 <= sms)) return false;
   bm = tokens;
-  warpgroups = wide ? 4 : 2;
-  stages = wide ? (tokens == 16 ? 7 : 6) : (tokens == 16 ? 12 : 10);
+  const bool four = wide || (grouped && tokens == 16 && large_weight(k, n));
+  warpgroups = four ? 4 : 2;
+  stages = four ? (tokens == 16 ? 7 : 6) : (tokens == 16 ? 12 : 10);
   return true;
 }
 
@@ -697,7 +705,7 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages, wg = kDefaultWarpgroups;
   bool tma = forced_tma;
-  if (bm == 0 && choose_small_tile(m, n, sms, bm, stages, wg)) {
+  if (bm == 0 && choose_small_tile(m, n, k, sms, GROUPED, bm, stages, wg)) {
     tma = true;
   } else if (bm == 0) {
     choose_tile(m, n, k, sms, bm, stages, tma);
