@@ -59,7 +59,8 @@ inline bool wide_tiles_fill_one_wave(int n, int sms) {
 //   split-K's 28.0 / 28.9 / 28.8);
 // - from 5 on other large g128 weights (down), where the narrow kernel is slow and split-K
 //   slows from M = 5 (down M = 4 / 5 / 6: 17.2 / 20.4 / 20.5 us) while the 16-token tile stays
-//   at ~19 (18.6 at M = 1-4, 19.1 at 6, 19.2 at 8);
+//   at ~18 (its 4-warpgroup form, gemm_h100_g128_wg4.log: 18.1-18.2 at M = 1-4, 18.0-18.4 at
+//   5-16);
 // - else from 17: below, the narrow kernel wins (down M = 16: 15.0 vs 16.5 us for the 16-token
 //   tile, qkv 8.0 vs 11.3).
 inline int wgmma_default_min_m(int k, int n, bool grouped, int sms) {
