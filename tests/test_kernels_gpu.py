@@ -542,3 +542,53 @@ def test_bad_inputs_are_errors():
     with pytest.raises(ValueError, match="one device"):
         torch.ops.qqq.gemm(a, s, t["qqq_b"], t["qqq_scale"].cpu(), t["qqq_group"], ws, None,
                            torch.float16)
+
+
+@pytest.mark.parametrize("pattern", ["silu_mul_quant", "add_rms_norm_quant"])
+def test_persistent_rows_give_the_looped_kernels_codes(pattern):
+    """Compiled as vLLM compiles (batch symbolic, no guards, tuned at 8192 rows), the SiLU-and-mul
+    or add + RMSNorm with the quantization fused becomes one persistent kernel under the plugin's
+    choices (a looped one under Inductor's) and gives the same int8 codes and scales at 1 to 300
+    rows, random inputs. The norm's sum of squares may add up in another order: its codes may
+    differ by one in rare entries, its scales by an fp16 rounding; the SiLU-and-mul's are
+    identical (its absmax is exact in any order)."""
+    import sys
+    from pathlib import Path
+
+    import torch._inductor.config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.utils import run_and_get_code
+
+    from vllm_qqq.inductor_choices import PersistentRows
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_row_quant import PATTERNS, compiled
+
+    fn, shapes = PATTERNS[pattern]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    ms = (1, 2, 7, 16, 33, 300)
+    inputs = {m: [torch.randn(s, device="cuda", dtype=torch.float16, generator=gen)
+                  for s in shapes(m)] for m in (8192, *ms)}
+    out = {}
+    with inductor_config.patch({"force_disable_caches": True}):
+        for label, choices in (("looped", InductorChoices), ("persistent", PersistentRows)):
+            f, code = run_and_get_code(compiled, fn, choices, inputs[8192])
+            code = "\n".join(code)
+            assert ("triton_per_fused" in code) is (label == "persistent"), label
+            assert ("triton_red_fused" in code) is (label == "looped"), label
+            out[label] = {m: f(*inputs[m]) for m in ms}  # before the next compile resets Dynamo
+    for m in ms:
+        a, b = out["looped"][m], out["persistent"][m]
+        k = inputs[m][0].shape[1] // (2 if pattern == "silu_mul_quant" else 1)
+        assert a[0].shape == b[0].shape == (m, k)
+        if pattern == "silu_mul_quant":
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        else:
+            assert torch.equal(a[2], b[2])  # the residual sum, rounded once
+            assert (a[0].int() - b[0].int()).abs().max() <= 1
+            assert (a[0] != b[0]).float().mean() < 1e-3
+            torch.testing.assert_close(a[1], b[1], rtol=2**-11, atol=0)  # one fp16 ulp
+        # Eager rounds the normed or SiLU-mul row to fp16 before its absmax, Inductor may not.
+        ref_q, ref_s = fn(*inputs[m])[:2]
+        assert (ref_q.int() - b[0].int()).abs().max() <= 1
+        torch.testing.assert_close(b[1], ref_s, rtol=2**-10, atol=0)

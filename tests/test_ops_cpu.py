@@ -190,3 +190,66 @@ def test_quantized_linears_turn_on_inductor_pdl(monkeypatch, env, expected):
     with inductor_config.patch({"triton.enable_pdl": False}):
         assert QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x") is not None
         assert inductor_config.triton.enable_pdl is expected
+
+
+@pytest.mark.parametrize("env,user,expected", [({}, None, True),
+                                               ({"VLLM_QQQ_PERSISTENT_ROWS": "0"}, None, False),
+                                               ({}, "own", False)])
+def test_quantized_linears_make_rows_persistent(monkeypatch, env, user, expected):
+    """Building a QQQ linear installs the persistent-rows heuristic as Inductor's choices, in
+    the setting and in this thread's choices made before it, unless the plugin's setting says
+    not to or the user installed choices of their own."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_qqq.config import QQQConfig
+    from vllm_qqq.inductor_choices import PersistentRows
+
+    class Own(InductorChoices):
+        pass
+
+    monkeypatch.delenv("VLLM_QQQ_PERSISTENT_ROWS", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with inductor_config.patch({"inductor_choices_class": Own if user else None}), \
+            V.set_choices_handler(InductorChoices()):
+        assert QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x") is not None
+        assert (inductor_config.inductor_choices_class is PersistentRows) is expected
+        assert isinstance(V.choices, PersistentRows) is expected
+
+
+@pytest.mark.parametrize("k,hint,expected", [(4096, "INNER", True), (14336, "INNER", True),
+                                             (16384, "INNER", True), (16385, "INNER", False),
+                                             (28672, "INNER", False), (512, "INNER", True),
+                                             (4096, "OUTER", False), (4096, "DEFAULT", False)])
+def test_persistent_rows_up_to_16384_inner_entries(k, hint, expected):
+    """Row reductions (reduction over the contiguous dimension) of up to 16384 entries are made
+    persistent; Inductor's default stops at 1024. Longer rows and other reductions keep
+    Inductor's choice."""
+    import sympy
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    from vllm_qqq.inductor_choices import PersistentRows
+
+    class Features:
+        reduction_numel = sympy.Integer(k)
+        numel = sympy.Integer(1)
+
+        def get_reduction_hint(self):
+            return getattr(ReductionHint, hint)
+
+    class Graph:
+        sizevars = SizeVarAllocator()
+
+    with V.set_graph_handler(Graph()):
+        assert PersistentRows.should_use_persistent_reduction(Features(), False) is expected
+        assert PersistentRows.should_use_persistent_reduction(Features(), True) is (
+            InductorChoices.should_use_persistent_reduction(Features(), True))
+        if k <= 1024 or hint != "INNER":
+            assert PersistentRows.should_use_persistent_reduction(Features(), False) is (
+                InductorChoices.should_use_persistent_reduction(Features(), False))

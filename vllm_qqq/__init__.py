@@ -5,9 +5,10 @@ import os
 # The plugin's environment variables and their defaults (read through setting()):
 # VLLM_QQQ_COMPILED_QUANT=0: traced linears quantize with the kernel, not PyTorch ops (ops.py);
 # VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py);
-# VLLM_QQQ_INDUCTOR_PDL=0: Inductor's kernels left as they are (config.py).
+# VLLM_QQQ_INDUCTOR_PDL=0: Inductor's kernels left as they are (config.py);
+# VLLM_QQQ_PERSISTENT_ROWS=0: Inductor's own reduction heuristic (config.py).
 ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1",
-               "VLLM_QQQ_INDUCTOR_PDL": "1"}
+               "VLLM_QQQ_INDUCTOR_PDL": "1", "VLLM_QQQ_PERSISTENT_ROWS": "1"}
 
 
 def setting(name: str) -> str:

@@ -25,6 +25,26 @@ def enable_inductor_pdl() -> None:
     inductor_config.triton.enable_pdl = True
 
 
+def enable_persistent_rows() -> None:
+    """Inductor keeps rows of up to 16384 entries in registers for the quantization's absmax,
+    one pass over the row instead of two or three (vllm_qqq/inductor_choices.py). Process-wide,
+    like the PDL setting, and part of vLLM's compile-cache key. Left alone with
+    VLLM_QQQ_PERSISTENT_ROWS=0 or where the user set Inductor's inductor_choices_class."""
+    import torch._inductor.config as inductor_config
+
+    if setting("VLLM_QQQ_PERSISTENT_ROWS") == "0" or inductor_config.inductor_choices_class:
+        return
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    from vllm_qqq.inductor_choices import PersistentRows
+
+    inductor_config.inductor_choices_class = PersistentRows
+    # Inductor makes each thread's choices once, from the setting: this thread's may predate it.
+    if type(V.choices) is InductorChoices:
+        V.set_choices_handler(PersistentRows())
+
+
 class QQQConfig(QuantizationConfig):
     """config.json: {"quant_method": "qqq", "wbits": 4, "group_size": -1 | 128}."""
 
@@ -70,6 +90,8 @@ class QQQConfig(QuantizationConfig):
         # Only linear layers are quantized; embeddings and lm_head stay in the model dtype.
         if isinstance(layer, LinearBase):
             from vllm_qqq.linear_method import QQQLinearMethod
-            enable_inductor_pdl()  # here: in the process that builds and compiles the model
+            # Here: in the process that builds and compiles the model.
+            enable_inductor_pdl()
+            enable_persistent_rows()
             return QQQLinearMethod(self)
         return None

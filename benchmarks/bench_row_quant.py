@@ -1,0 +1,123 @@
+"""The kernels Inductor makes of the per-token quantization fused into vLLM's norm and SiLU-and-mul
+(what a compiled QQQ model runs before each GEMM), timed under Inductor's reduction heuristics
+and under the plugin's (vllm_qqq/inductor_choices.py: persistent rows up to 16384 entries).
+
+    python benchmarks/bench_row_quant.py --ms 1,16,64,256,2048,8192
+
+Each pattern is compiled once with the batch dimension dynamic, as vLLM compiles a model, and
+timed as CUDA-graph replays of back-to-back calls over rotating inputs (more bytes than L2 where
+the batch allows), with Inductor's programmatic launches on as the plugin sets them. Prints us
+per call and the ratio, and checks that both settings give the same int8 codes.
+"""
+
+import argparse
+import statistics
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+from torch._inductor.choices import InductorChoices
+from torch._inductor.virtualized import V
+
+from vllm_qqq.inductor_choices import PersistentRows
+from vllm_qqq.reference import quantize_per_token
+
+HIDDEN, INTERMEDIATE, EPS = 4096, 14336, 1e-5
+
+
+def silu_mul_quant(x):
+    d = x.shape[-1] // 2
+    return quantize_per_token(F.silu(x[:, :d]) * x[:, d:])
+
+
+def add_rms_norm_quant(x, residual, weight):
+    # vLLM's fused add + RMSNorm (forward_native), then the quantization.
+    h = x.float() + residual.float()
+    residual = h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + EPS)
+    q, s = quantize_per_token(h.to(x.dtype) * weight)
+    return q, s, residual
+
+
+def quant(x):
+    return quantize_per_token(x)
+
+
+PATTERNS = {
+    "silu_mul_quant": (silu_mul_quant, lambda m: [(m, 2 * INTERMEDIATE)]),
+    "add_rms_norm_quant": (add_rms_norm_quant, lambda m: [(m, HIDDEN), (m, HIDDEN), (HIDDEN,)]),
+    "quant": (quant, lambda m: [(m, HIDDEN)]),
+}
+
+
+def inputs(shapes, m, sets):
+    """Enough sets of fresh random inputs that one round of them exceeds the 50 MB L2."""
+    per_set = sum(2 * torch.Size(s).numel() for s in shapes)
+    n = max(sets, -(-3 * 50 * 2**20 // per_set))
+    n = min(n, 64)
+    return [[torch.randn(s, device="cuda", dtype=torch.float16) for s in shapes] for _ in range(n)]
+
+
+def compiled(fn, choices, example):
+    torch._dynamo.reset()
+    # As vLLM compiles: one graph for every batch size (no guards, so M = 1 is not specialized),
+    # its kernels tuned at the first call's size.
+    compiled_fn = torch.compile(fn, fullgraph=True,
+                                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    for t in example:
+        if t.dim() == 2:
+            torch._dynamo.mark_dynamic(t, 0)
+    with V.set_choices_handler(choices()):
+        compiled_fn(*example)
+    return compiled_fn
+
+
+def time_us(fn, sets, calls=32, replays=7):
+    for args in sets:
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(*sets[i % len(sets)])
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ms", default="1,16,64,256,2048,8192")
+    parser.add_argument("--patterns", default=",".join(PATTERNS))
+    args = parser.parse_args()
+    inductor_config.force_disable_caches = True  # the two settings must not share compiled code
+    inductor_config.triton.enable_pdl = True
+    print(f"device: {torch.cuda.get_device_name()}")
+    settings = {"inductor": InductorChoices, "persistent": PersistentRows}
+    for name in args.patterns.split(","):
+        fn, shapes = PATTERNS[name]
+        sets = {m: inputs(shapes(m), m, 3) for m in map(int, args.ms.split(","))}
+        example = [t.clone() for t in sets[max(sets)][0]]
+        times = {}
+        outputs = {}
+        for label, choices in settings.items():
+            f = compiled(fn, choices, example)
+            times[label] = {m: time_us(f, s) for m, s in sets.items()}
+            outputs[label] = {m: f(*s[0]) for m, s in sets.items()}
+        for m in sets:
+            a, b = outputs["inductor"][m], outputs["persistent"][m]
+            codes = (a[0].int() - b[0].int()).abs().max().item()
+            scales = ((a[1] - b[1]).abs() / a[1].abs().clamp_min(1e-30)).max().item()
+            base, new = times["inductor"][m], times["persistent"][m]
+            print(f"  {name:20s} M={m:5d}: inductor {base:8.2f} us, persistent {new:8.2f} us, "
+                  f"ratio {new / base:5.3f}; max code difference {codes}, scale rel {scales:.1e}")
+
+
+if __name__ == "__main__":
+    main()
