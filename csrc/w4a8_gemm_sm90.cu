@@ -681,10 +681,11 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
 // 21.2 vs 14.1 / 12.1 / 29.1 / 22.6); M = 16, g128 gate_up 27.0 vs 28.8, down 19.8 vs 22.2.
 // Where neither fits (Llama-2-7B gate_up: 86 tiles of 256 channels, 172 of 128), the 64 x 192
 // tile of choose_wide_tile.
-// g128 on large weights at 16 tokens takes 4 warpgroups where 128 channels would fit: the
-// two-level decode (~15 instructions a word) stalls on its loads (ncu, down M = 16: 2.2 warps a
-// scheduler, 5.6 cycles per issued instruction), and twice the warps hide more of it. Down M =
-// 1 / 16: 18.2 / 18.4 us against 18.8 / 19.8 for the 2-warpgroup tile (gemm_h100_g128_wg4.log).
+// g128 on large weights takes 4 warpgroups where 128 channels would fit: the two-level decode
+// (~15 instructions a word) stalls on its loads (ncu, down M = 16: 2.2 warps a scheduler, 5.6
+// cycles per issued instruction), and twice the warps hide more of it. Down M = 1 / 16: 18.2 /
+// 18.4 us against 18.8 / 19.8 for the 2-warpgroup tile (gemm_h100_g128_wg4.log); M = 17 / 32:
+// 20.3 / 20.3 against 21.3 / 21.2 (gemm_h100_g128_tiles_17_256.log).
 // Per-channel's cheap decode prefers the 2-warpgroup tile's deeper ring (down 16.5 vs 17.0), as
 // does g128 o (10.1 vs 11.5), a small weight whose fixed costs dominate.
 static bool choose_small_tile(int m, int n, int k, int sms, bool grouped, int& bm, int& stages,
@@ -693,7 +694,7 @@ static bool choose_small_tile(int m, int n, int k, int sms, bool grouped, int& b
   const bool wide = wide_tiles_fill_one_wave(n, sms);
   if (m > 32 || !(wide || (n + 127) / 128 <= sms)) return false;
   bm = tokens;
-  const bool four = wide || (grouped && tokens == 16 && large_weight(k, n));
+  const bool four = wide || (grouped && large_weight(k, n));
   warpgroups = four ? 4 : 2;
   stages = four ? (tokens == 16 ? 7 : 6) : (tokens == 16 ? 12 : 10);
   return true;
