@@ -275,6 +275,30 @@ IMPLS = {
 }
 
 
+def replay_us(graph, calls, replays=15):
+    """Median microseconds per call of a CUDA graph of `calls` back-to-back calls."""
+    # Warm up for ~30 ms of replays first: with a few short replays only, the first
+    # implementation timed after a pause measured up to 15-30% slower than the same kernel
+    # forced under another name (seventh session; the cause, clocks or caches, not measured).
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    for _ in range(max(2, math.ceil(30 / max(start.elapsed_time(end), 1e-3)))):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
 def time_impl(setup, k, n, ms, hot=False):
     """{m: microseconds per call} for one implementation and shape; hot: one weight set called
     back to back (L2-resident where it fits) instead of sets rotating past L2."""
@@ -292,26 +316,7 @@ def time_impl(setup, k, n, ms, hot=False):
         with torch.cuda.graph(graph):
             for i in range(calls):
                 fns[i % len(fns)](xs[i % len(fns)])
-        # Warm up for ~30 ms of replays first: with a few short replays only, the first
-        # implementation timed after a pause measured up to 15-30% slower than the same kernel
-        # forced under another name (seventh session; the cause, clocks or caches, not measured).
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        for _ in range(max(2, math.ceil(30 / max(start.elapsed_time(end), 1e-3)))):
-            graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(15):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1000 / calls)
-        result[m] = statistics.median(times)
+        result[m] = replay_us(graph, calls)
         del graph
     del fns
     torch.cuda.empty_cache()

@@ -11,7 +11,6 @@ per call and the ratio, and checks that both settings give the same int8 codes.
 """
 
 import argparse
-import statistics
 
 import torch
 import torch._inductor.config as inductor_config
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
+from bench_gemm import replay_us
 from vllm_qqq.inductor_choices import PersistentRows
 from vllm_qqq.reference import quantize_per_token
 
@@ -72,7 +72,7 @@ def compiled(fn, choices, example):
     return compiled_fn
 
 
-def time_us(fn, sets, calls=32, replays=7):
+def time_us(fn, sets, calls=32):
     for args in sets:
         fn(*args)
     torch.cuda.synchronize()
@@ -80,15 +80,7 @@ def time_us(fn, sets, calls=32, replays=7):
     with torch.cuda.graph(graph):
         for i in range(calls):
             fn(*sets[i % len(sets)])
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    return replay_us(graph, calls)
 
 
 def main():
