@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's steps, in one device call (carry [".gpu"], see ../shared/gpu/README.md):
 #   bash scripts/gpu_run.sh STEP...   with steps: build test sanitize bench bench-all bench-ab vllm e2e
-#   profile serve serve-auto decode-diag ncu
+#   profile serve serve-auto decode-diag ncu row-quant
 # Logs and JSON go to $OUT (or out/gpu when run elsewhere).
 # GPU_CALL_S: the seconds the device call leaves this script (its limit less a margin). Each step
 # then runs in a process of its own under timeout of what is left, so one that overruns loses
@@ -32,7 +32,8 @@ serve_args="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-ut
 usual_s() {
   local pair seconds=0
   for pair in build=60 test=240 sanitize=90 vllm=270 bench=120 bench-all=420 bench-ab=300 \
-    e2e=200 profile=300 serve=420 serve-auto=300 ncu=240 decode-diag=240 ${GPU_STEP_S:-}; do
+    e2e=200 profile=300 serve=420 serve-auto=300 ncu=240 decode-diag=240 row-quant=150 \
+    ${GPU_STEP_S:-}; do
     [ "${pair%%=*}" = "$1" ] && seconds=${pair#*=}
   done
   echo "$seconds"
@@ -64,6 +65,11 @@ run_step() {
         --impls qqq_channel,qqq_g128,fp16,w8a8_cutlass,marlin_w4a16_g128,machete_w4a16_g128,marlin_w4a8_channel,marlin_w4a8_g128,cutlass_w4a8_fp8 \
         --json "$out/gemm_$gpu.json" 2>&1 \
         | tee "$out/bench_all.log" | tail -45
+      ;;
+    row-quant)
+      # Inductor's fused quantization kernels under its reduction heuristic and the plugin's.
+      python3 benchmarks/bench_row_quant.py --ms "${ROW_QUANT_MS:-1,16,64,256,2048,8192}" 2>&1 \
+        | tee "$out/row_quant.log" | grep -E "device|M="
       ;;
     vllm)
       python3 -m pytest -q -x -p no:cacheprovider -m gpu tests/test_vllm_gpu.py 2>&1 \
