@@ -14,9 +14,10 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 from torch._inductor.virtualized import V
 
-# Up to 16384 entries Inductor gives a persistent row 16 warps, 32 fp32 values per thread and
-# input (8 warps, 16 values up to 8192): within the registers. Beyond it (Llama-3-70B's 28672)
-# the values would spill, and the loop stays.
+# Inductor gives a persistent row at most 16 warps: up to 16384 entries that is 32 fp32 values a
+# thread and input (8 warps and 16 values up to 8192), measured faster than the loop at 14336
+# (benchmarks/results/row_quant_h100.log; whether it spills registers there is not measured).
+# Longer rows (Llama-3-70B's 28672) would hold 64 a thread, not tried: they keep the loop.
 PERSISTENT_ROW_LIMIT = 16384
 
 
