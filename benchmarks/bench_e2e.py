@@ -7,7 +7,8 @@ per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with
     python benchmarks/bench_e2e.py --workdir /tmp/e2e [--layers 32] [--formats fp16,w8a8,w4a16,qqq_channel,qqq_g128]
 
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
-(b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127;
+(b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127,
+and the time for 1 (the prefill and first token, first_token_ms);
 each time the median of --repeats runs (3), every run's tokens/s kept in the JSON;
 (c) the weights: bytes on disk (weights_gib) and the GPU memory vLLM reports for the loaded model
 (weights_gpu_gib, its "Model loading took" line).
@@ -246,8 +247,12 @@ def run_format(model: str, quantization: str | None, batches, eager: bool,
                "tokens_per_s": batch * 128 / t,
                "tokens_per_s_runs": [batch * 128 / r for r in runs]}
         if batch in (1, 16):
-            t1 = statistics.median(timed(batch, 1) for _ in range(repeats))
+            # Prefill and first token: vLLM's time to the first token for this batch.
+            firsts = [timed(batch, 1) for _ in range(repeats)]
+            t1 = statistics.median(firsts)
             row["decode_ms_per_token"] = (t - t1) / 127 * 1000
+            row["first_token_ms"] = t1 * 1000
+            row["first_token_ms_runs"] = [f * 1000 for f in firsts]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"rows": rows, "weights_gib": _weight_bytes(model) / 2**30}
@@ -345,11 +350,12 @@ def main():
         if args.json:  # after every format, so a cut-short run keeps what it measured
             args.json.write_text(json.dumps(report, indent=1))
     base = {r["batch"]: r for r in report["rows"] if r["format"] == "fp16"}
-    print("\n| format | batch | tokens/s | vs fp16 | decode ms/token |")
+    print("\n| format | batch | tokens/s | vs fp16 | decode ms/token | first token ms |")
     for r in report["rows"]:
         ratio = r["tokens_per_s"] / base[r["batch"]]["tokens_per_s"] if r["batch"] in base else 0
         print(f"| {r['format']} | {r['batch']} | {r['tokens_per_s']:.0f} | {ratio:.2f}x | "
-              f"{r.get('decode_ms_per_token', float('nan')):.2f} |")
+              f"{r.get('decode_ms_per_token', float('nan')):.2f} | "
+              f"{r.get('first_token_ms', float('nan')):.1f} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 
