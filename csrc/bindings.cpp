@@ -24,6 +24,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("q"), py::arg("scale"),
       py::arg("gemm_follows"), py::arg("stream"));
   m.def(
+      "silu_mul_quant",
+      [](uintptr_t x, int dtype, int rows, int d, uintptr_t q, uintptr_t scale, uintptr_t stream) {
+        qqq::silu_mul_quant(ptr<const void>(x), dtype, rows, d, ptr<int8_t>(q), ptr<float>(scale),
+                            reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("d"), py::arg("q"), py::arg("scale"),
+      py::arg("stream"));
+  m.def(
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
          uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,

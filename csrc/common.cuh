@@ -120,23 +120,35 @@ __device__ __forceinline__ void allow_dependent_grid() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch when
-// `programmatic` (sm_90+): the kernel may begin before the previous kernel in the stream has
-// finished, and must call wait_for_prior_grid before it reads anything that kernel may write.
+// kernel<<<grid, block, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (1: no
+// clusters), as a programmatic dependent launch when `programmatic` (sm_90+): the kernel may
+// begin before the previous kernel in the stream has finished, and must call
+// wait_for_prior_grid before it reads anything that kernel may write.
 template <typename... Params, typename... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
-                   cudaStream_t stream, bool programmatic, const char* what, Args... args) {
-  cudaLaunchAttribute attr[1];
+void launch_kernel_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                            cudaStream_t stream, bool programmatic, int cluster, const char* what,
+                            Args... args) {
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = programmatic ? 1 : 0;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = cluster;
+  attr[1].val.clusterDim.y = 1;
+  attr[1].val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = 1;
+  config.numAttrs = cluster > 1 ? 2 : 1;
   check_cuda(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), what);
+}
+
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, int smem,
+                   cudaStream_t stream, bool programmatic, const char* what, Args... args) {
+  launch_kernel_clusters(kernel, grid, block, smem, stream, programmatic, 1, what, args...);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -19,6 +19,11 @@ constexpr int kBFloat16 = 1;
 void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* scale,
                      bool gemm_follows, cudaStream_t stream);
 
+// For x [m, 2d] (gate, up): q, scale = quantize_per_token(silu(gate) * up), h rounded to the dtype
+// as PyTorch rounds it (silu_mul_quant.cu). d % 8 == 0, d <= 32768.
+void silu_mul_quant(const void* x, int dtype, int m, int d, int8_t* q, float* scale,
+                    cudaStream_t stream);
+
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
 // group scales [K/128, N]. workspace: int32 of ops.workspace_size(n) entries, its counters zeroed

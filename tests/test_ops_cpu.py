@@ -253,3 +253,85 @@ def test_persistent_rows_up_to_16384_inner_entries(k, hint, expected):
         if k <= 1024 or hint != "INNER":
             assert PersistentRows.should_use_persistent_reduction(Features(), False) is (
                 InductorChoices.should_use_persistent_reduction(Features(), False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_quant_is_the_reference_and_checks_its_input(dtype):
+    """qqq.silu_mul_quant on the CPU: the quantization of vLLM's SiLU-and-mul (PyTorch ops)."""
+    import torch.nn.functional as F
+
+    from vllm_qqq.reference import quantize_per_token
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 96, generator=gen) * 4).to(dtype)
+    q, s = torch.ops.qqq.silu_mul_quant(x)
+    rq, rs = quantize_per_token(F.silu(x[:, :48]) * x[:, 48:])
+    assert q.shape == (5, 48) and s.shape == (5, 1)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+    for bad in (x.float(), x[:, :40], x.reshape(5, 2, 48), x.t()):
+        with pytest.raises(ValueError, match="silu_mul_quant"):
+            torch.ops.qqq.silu_mul_quant(bad)
+
+
+def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
+    """The pass fuses quantize_per_token(silu_mul(x)) in a compiled graph into the op, with the
+    same result, and leaves alone a product of slices that are not x's halves and float32."""
+    import torch.nn.functional as F
+
+    from vllm_qqq.fusion import SiluMulQuantFusion
+    from vllm_qqq.reference import quantize_per_token, silu_mul
+
+    def pair(x):
+        return quantize_per_token(silu_mul(x))
+
+    def other_slices(x):
+        return quantize_per_token(F.silu(x[:, :16]) * x[:, 16:32])
+
+    gen = torch.Generator().manual_seed(4)
+    for fn, x, fused in [(pair, torch.randn(7, 64, generator=gen).half(), 1),
+                         (other_slices, torch.randn(7, 48, generator=gen).half(), 0),
+                         (pair, torch.randn(7, 64, generator=gen), 0)]:
+        torch._dynamo.reset()
+        fusion = SiluMulQuantFusion()
+        compiled = torch.compile(fn, fullgraph=True,
+                                 options={"post_grad_custom_post_pass": fusion})
+        torch._dynamo.mark_dynamic(x, 0)  # the tokens, as vLLM compiles
+        with torch.compiler.config.patch(force_disable_caches=True):  # so that the pass runs
+            q, s = compiled(x)
+        assert fusion.fused == fused, fn.__name__
+        rq, rs = fn(x)
+        if fused:  # the op: the reference itself
+            assert torch.equal(q, rq) and torch.equal(s, rs)
+        else:  # Inductor's own kernel, which may keep silu * up in fp32 (docs/FORMAT.md)
+            assert (q.int() - rq.int()).abs().max() <= 1
+            torch.testing.assert_close(s, rs, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("env,user,expected", [({}, None, False),
+                                               ({"VLLM_QQQ_FUSED_SILU_QUANT": "1"}, None, True),
+                                               ({"VLLM_QQQ_FUSED_SILU_QUANT": "1"}, "own",
+                                                False)])
+def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, env, user, expected):
+    """Building a QQQ linear with VLLM_QQQ_FUSED_SILU_QUANT=1 puts the pass into vLLM's compile
+    config (as Inductor's post-grad custom pass), unless the user has a post-grad pass of their
+    own; off by default."""
+    from vllm.compilation.passes.inductor_pass import CallableInductorPass
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_qqq.config import QQQConfig
+    from vllm_qqq.fusion import SiluMulQuantFusion
+
+    monkeypatch.delenv("VLLM_QQQ_FUSED_SILU_QUANT", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = VllmConfig()
+    passes = config.compilation_config.inductor_compile_config
+    own = CallableInductorPass(lambda graph: None, uuid="own") if user else None
+    if own:
+        passes["post_grad_custom_post_pass"] = own
+    with set_current_vllm_config(config):
+        assert QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x") is not None
+    installed = passes.get("post_grad_custom_post_pass")
+    assert isinstance(installed, SiluMulQuantFusion) is expected
+    if own:
+        assert installed is own

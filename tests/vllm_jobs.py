@@ -39,8 +39,13 @@ def main():
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
                             lora_request=LoRARequest("adapter", 1, lora_dir) if lora_dir else None)
-        method = llm.llm_engine.vllm_config.model_config.quantization
-        print("RESULT", json.dumps({"quantization": method,
+        config = llm.llm_engine.vllm_config
+        # The plugin's graph pass, if installed: how many pairs it fused (read here only where the
+        # engine runs in this process, VLLM_ENABLE_V1_MULTIPROCESSING=0).
+        fusion = config.compilation_config.inductor_compile_config.get(
+            "post_grad_custom_post_pass")
+        print("RESULT", json.dumps({"quantization": config.model_config.quantization,
+                                    "fused": getattr(fusion, "fused", None),
                                     "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
     elif job == "ppl":
         import math

@@ -4,11 +4,14 @@ import os
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
 from vllm_qqq import setting
 from vllm_qqq.format import GROUP_SIZES, FormatError
+
+logger = init_logger("vllm.qqq")
 
 
 def enable_inductor_pdl() -> None:
@@ -43,6 +46,26 @@ def enable_persistent_rows() -> None:
     # Inductor makes each thread's choices once, from the setting: this thread's may predate it.
     if type(V.choices) is InductorChoices:
         V.set_choices_handler(PersistentRows())
+
+
+def enable_silu_mul_quant_fusion() -> None:
+    """With VLLM_QQQ_FUSED_SILU_QUANT=1, vLLM's compiled graphs get
+    vllm_qqq.fusion's pass as Inductor's post-grad custom pass, which vLLM runs after its own
+    passes and keys its compile cache on (the pass's uuid). Left alone where the user set a
+    post-grad pass of their own (Inductor takes one)."""
+    if setting("VLLM_QQQ_FUSED_SILU_QUANT") != "1":
+        return
+    from vllm.config import get_current_vllm_config
+
+    from vllm_qqq.fusion import SiluMulQuantFusion
+
+    passes = get_current_vllm_config().compilation_config.inductor_compile_config
+    current = passes.get("post_grad_custom_post_pass")
+    if current is None:
+        passes["post_grad_custom_post_pass"] = SiluMulQuantFusion()
+    elif not isinstance(current, SiluMulQuantFusion):
+        logger.warning("VLLM_QQQ_FUSED_SILU_QUANT=1 is ignored: a post_grad_custom_post_pass of "
+                       "your own is set (%s)", type(current).__name__)
 
 
 class QQQConfig(QuantizationConfig):
@@ -93,5 +116,6 @@ class QQQConfig(QuantizationConfig):
             # Here: in the process that builds and compiles the model.
             enable_inductor_pdl()
             enable_persistent_rows()
+            enable_silu_mul_quant_fusion()
             return QQQLinearMethod(self)
         return None

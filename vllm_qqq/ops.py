@@ -17,6 +17,7 @@ import torch
 from vllm_qqq import setting
 from vllm_qqq.format import QQQWeight
 from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
+from vllm_qqq.reference import silu_mul_quant as silu_mul_quant_reference
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,32 @@ def _quant(x, gemm_follows):
 @quant_per_token.register_fake
 def _(x):
     return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("qqq::silu_mul_quant", mutates_args=(), device_types=("cpu", "cuda"))
+def silu_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, 2D] fp16/bf16 (gate, up) -> quant_per_token(silu(gate) * up) as (int8 [M, D],
+    float32 [M, 1]), silu(gate) * up rounded as vLLM's SiluAndMul rounds it: one kernel for
+    both (csrc/silu_mul_quant.cu), put in vLLM's graphs by vllm_qqq.fusion."""
+    if x.dtype not in _DTYPE_CODE or x.dim() != 2 or not x.is_contiguous() or x.shape[1] % 16:
+        raise ValueError(f"qqq.silu_mul_quant needs a contiguous 2-D fp16/bf16 tensor of an even "
+                         f"width divisible by 16, got {x.dtype} {list(x.shape)} "
+                         f"contiguous={x.is_contiguous()}")
+    if x.device.type == "cpu" or _C is None:
+        return silu_mul_quant_reference(x)
+    m, d = x.shape[0], x.shape[1] // 2
+    q = torch.empty(m, d, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        _C.silu_mul_quant(x.data_ptr(), _DTYPE_CODE[x.dtype], m, d, q.data_ptr(), s.data_ptr(),
+                          _stream(x))
+    return q, s
+
+
+@silu_mul_quant.register_fake
+def _(x):
+    return (x.new_empty((x.shape[0], x.shape[1] // 2), dtype=torch.int8),
             x.new_empty((x.shape[0], 1), dtype=torch.float32))
 
 

@@ -27,6 +27,17 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8), scale
 
 
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """vLLM's SiluAndMul: silu(x[..., :d]) * x[..., d:] for x [..., 2d], in x's dtype."""
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token int8 quantization of silu_mul(x), x [M, 2d]: the down projection's input."""
+    return quantize_per_token(silu_mul(x))
+
+
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 product of int8 a [M, K] and int8 w [K, N]."""
     # float64 holds every partial sum exactly (|sum| < 128 * 128 * K << 2**53) and is fast on CPUs.
