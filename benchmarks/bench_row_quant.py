@@ -7,7 +7,9 @@ and under the plugin's (vllm_qqq/inductor_choices.py: persistent rows up to 1638
 Each pattern is compiled once with the batch dimension dynamic, as vLLM compiles a model, and
 timed as CUDA-graph replays of back-to-back calls over rotating inputs (more bytes than L2 where
 the batch allows), with Inductor's programmatic launches on as the plugin sets them. Prints us
-per call and the ratio, and checks that both settings give the same int8 codes.
+per call and the ratio, and checks that both settings give the same int8 codes. SiLU-and-mul +
+quantization is also timed as our kernel (qqq.silu_mul_quant, what vllm_qqq.fusion puts in the
+graph with VLLM_QQQ_FUSED_SILU_QUANT=1).
 """
 
 import argparse
@@ -19,6 +21,7 @@ from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
 from bench_gemm import replay_us
+from vllm_qqq import ops
 from vllm_qqq.inductor_choices import PersistentRows
 from vllm_qqq.reference import quantize_per_token
 
@@ -48,6 +51,10 @@ PATTERNS = {
     "add_rms_norm_quant": (add_rms_norm_quant, lambda m: [(m, HIDDEN), (m, HIDDEN), (HIDDEN,)]),
     "quant": (quant, lambda m: [(m, HIDDEN)]),
 }
+
+
+# Our kernels for a pattern, as vllm_qqq.fusion calls them.
+KERNELS = {"silu_mul_quant": ops.silu_mul_quant}
 
 
 def inputs(shapes, sets):
@@ -110,6 +117,16 @@ def main():
             base, new = times["inductor"][m], times["persistent"][m]
             print(f"  {name:20s} M={m:5d}: inductor {base:8.2f} us, persistent {new:8.2f} us, "
                   f"ratio {new / base:5.3f}; max code difference {codes}, scale rel {scales:.1e}")
+        if name in KERNELS:  # against the persistent rows (Inductor may keep fp32: one code)
+            for m, s in sets.items():
+                us = time_us(KERNELS[name], s)
+                q, scale = KERNELS[name](*s[0])
+                b = outputs["persistent"][m]
+                codes = (q.int() - b[0].int()).abs().max().item()
+                scales = ((scale - b[1]).abs() / b[1].abs().clamp_min(1e-30)).max().item()
+                print(f"  {name:20s} M={m:5d}: our kernel {us:8.2f} us, against persistent "
+                      f"{us / times['persistent'][m]:5.3f}; max code difference {codes}, "
+                      f"scale rel {scales:.1e}")
 
 
 if __name__ == "__main__":

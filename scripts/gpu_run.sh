@@ -31,7 +31,7 @@ prepare() {
 serve_args="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
 usual_s() {
   local pair seconds=0
-  for pair in build=60 test=240 sanitize=90 vllm=270 bench=120 bench-all=420 bench-ab=300 \
+  for pair in build=60 test=270 sanitize=100 vllm=330 bench=120 bench-all=420 bench-ab=300 \
     e2e=200 profile=300 serve=420 serve-auto=300 ncu=240 decode-diag=240 row-quant=150 \
     ${GPU_STEP_S:-}; do
     [ "${pair%%=*}" = "$1" ] && seconds=${pair#*=}
@@ -52,7 +52,7 @@ run_step() {
       ;;
     sanitize)
       compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
-        -m gpu tests/test_kernels_gpu.py -k "small_partial_n or wide_partial_n or (quant_kernel and 128) or (every_wgmma_tile and True) or small_m_kernels_either_way" 2>&1 \
+        -m gpu tests/test_kernels_gpu.py -k "small_partial_n or wide_partial_n or (quant_kernel and 128) or (every_wgmma_tile and True) or small_m_kernels_either_way or (silu_mul_quant_kernel and not 1024)" 2>&1 \
         | tee "$out/sanitizer.log" | tail -8 || status=1
       ;;
     bench)

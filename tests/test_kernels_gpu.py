@@ -109,6 +109,76 @@ def check_quant_kernel(x, product):
     assert torch.equal(q2, q) and torch.equal(s2, s)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+# D: Llama-3-8B's 14336, Llama-2-7B's 11008, Qwen2.5-7B's 18944, the largest (32768), and one
+# 8-wide vector (7 of a cluster's 8 CTAs get nothing). M: clusters up to 16 rows, one CTA per row
+# above, rounding by the reciprocal's product from 1024 rows.
+@pytest.mark.parametrize("m,d", [(1, 14336), (2, 11008), (7, 18944), (16, 14336), (3, 32768),
+                                 (5, 8), (17, 14336), (64, 8), (300, 4096), (1024, 14336)])
+def test_silu_mul_quant_kernel_bit_identical(m, d, dtype):
+    """qqq.silu_mul_quant against PyTorch's SiLU-and-mul on the GPU (vLLM's SiluAndMul in eager
+    mode) quantized by the reference: the same codes and scales, every output written."""
+    import torch.nn.functional as F
+    x = (torch.randn(m, 2 * d, device="cuda") * torch.rand(m, 1, device="cuda") * 8).to(dtype)
+    if m > 2:
+        x[2, :d] = 0  # silu(0) = 0: an all-zero row of h, scale 0
+    from vllm_qqq import _C
+    q = torch.full((m, d), 0x55, dtype=torch.int8, device="cuda")  # poison
+    s = torch.full((m, 1), float("nan"), device="cuda")
+    _C.silu_mul_quant(x.data_ptr(), ops._DTYPE_CODE[dtype], m, d, q.data_ptr(), s.data_ptr(),
+                      torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    q_ref, s_ref = quantize_per_token((F.silu(x[:, :d]) * x[:, d:]).cpu())
+    assert torch.equal(s.cpu(), s_ref)
+    assert torch.equal(q.cpu(), q_ref)
+    q2, s2 = torch.ops.qqq.silu_mul_quant(x)
+    assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+def test_silu_mul_quant_in_a_graph_and_compiled():
+    """The op replayed in a CUDA graph, and the fusion pass's graph (Inductor, the batch dynamic)
+    feeding qqq.gemm: the same output as eager op + GEMM."""
+    from vllm_qqq.fusion import SiluMulQuantFusion
+    from vllm_qqq.reference import silu_mul
+    d, n = 14336, 4096
+    t = make_layer(d, n, -1, seed=2)
+    ws = ops.workspace("cuda", n)
+
+    def eager(x):
+        a, a_scale = torch.ops.qqq.silu_mul_quant(x)
+        return ops.gemm(a, a_scale, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
+                        x.dtype, True)
+
+    def traced(x):
+        a, a_scale = quantize_per_token(silu_mul(x))  # what vLLM's graph holds before the pass
+        return torch.ops.qqq.gemm(a, a_scale, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws,
+                                  None, x.dtype, True)
+
+    for m in (1, 16, 40):
+        static_x = torch.randn(m, 2 * d, device="cuda", dtype=torch.float16)
+        eager(static_x)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = eager(static_x)
+        for _ in range(2):
+            static_x.copy_(torch.randn(m, 2 * d, device="cuda", dtype=torch.float16))
+            graph.replay()
+            assert torch.equal(static_y, eager(static_x))
+    torch._dynamo.reset()
+    fusion = SiluMulQuantFusion()
+    # As vLLM compiles: one graph for every batch size (the batch dynamic, no guards).
+    compiled = torch.compile(traced, fullgraph=True,
+                             options={"post_grad_custom_post_pass": fusion,
+                                      "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    with torch.compiler.config.patch(force_disable_caches=True):  # so that the pass runs
+        for m in (40, 16, 1):
+            x = torch.randn(m, 2 * d, device="cuda", dtype=torch.float16)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert torch.equal(compiled(x), eager(x))
+    assert fusion.fused == 1
+
+
 @pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("shape,m", CASES)
 def test_gemm_matches_reference(shape, m, g):
