@@ -119,13 +119,20 @@ def main():
                   f"ratio {new / base:5.3f}; max code difference {codes}, scale rel {scales:.1e}")
         if name in KERNELS:  # against the persistent rows (Inductor may keep fp32: one code)
             for m, s in sets.items():
-                us = time_us(KERNELS[name], s)
                 q, scale = KERNELS[name](*s[0])
                 b = outputs["persistent"][m]
                 codes = (q.int() - b[0].int()).abs().max().item()
                 scales = ((scale - b[1]).abs() / b[1].abs().clamp_min(1e-30)).max().item()
-                print(f"  {name:20s} M={m:5d}: our kernel {us:8.2f} us, against persistent "
-                      f"{us / times['persistent'][m]:5.3f}; max code difference {codes}, "
+                # The kernel's rule (clusters of 8 CTAs a row up to 16 rows), clusters at every
+                # M, one CTA a row at every M.
+                us = {}
+                for label, rows in (("rule", -1), ("clusters", 1 << 30), ("rows", 0)):
+                    ops._C.set_silu_cluster_rows(rows)
+                    us[label] = time_us(KERNELS[name], s)
+                ops._C.set_silu_cluster_rows(-1)
+                print(f"  {name:20s} M={m:5d}: our kernel {us['rule']:8.2f} us (clusters "
+                      f"{us['clusters']:.2f}, a CTA a row {us['rows']:.2f}), against persistent "
+                      f"{us['rule'] / times['persistent'][m]:5.3f}; max code difference {codes}, "
                       f"scale rel {scales:.1e}")
 
 

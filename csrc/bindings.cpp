@@ -67,6 +67,9 @@ PYBIND11_MODULE(_C, m) {
         "Tuning/tests: the quantization rounds x * (1 / scale), dividing only where that could "
         "round to another integer (1), divides every entry (0), or the first from 1024 rows "
         "(-1, default). The same codes either way.");
+  m.def("set_silu_cluster_rows", &qqq::set_silu_cluster_rows, py::arg("rows"),
+        "Tuning: silu_mul_quant splits each row over a cluster of 8 CTAs up to this many rows "
+        "(< 0: the default, 16; 0: never).");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def(

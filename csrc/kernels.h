@@ -23,6 +23,8 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 // as PyTorch rounds it (silu_mul_quant.cu). d % 8 == 0, d <= 32768.
 void silu_mul_quant(const void* x, int dtype, int m, int d, int8_t* q, float* scale,
                     cudaStream_t stream);
+// Tuning: silu_mul_quant splits rows over clusters of CTAs up to this many rows (< 0: 16).
+void set_silu_cluster_rows(int rows);
 
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16

@@ -6,7 +6,7 @@
 //
 // Why not leave it to Inductor: its fused kernel gives a row one CTA, so at decode sizes the
 // whole row (Llama-3-8B: 2 x 14336 values) streams through one SM (4.8 us at M = 1 on the H100,
-// benchmarks/results/row_quant_h100.log). Here rows of up to kClusterMaxRows tokens are split
+// benchmarks/results/row_quant_h100.log). Here rows of up to 16 tokens (cluster_max_rows) are split
 // over a cluster of kClusterCtas CTAs on as many SMs; the CTAs exchange their absmax through
 // distributed shared memory. Longer batches take one CTA per row (bandwidth-bound there).
 #include <stdexcept>
@@ -17,8 +17,11 @@
 
 namespace qqq {
 
-constexpr int kClusterCtas = 8;       // the largest portable cluster
-constexpr int kClusterMaxRows = 16;   // 16 rows x 8 CTAs: 128 CTAs, one wave on the H100
+constexpr int kClusterCtas = 8;  // the largest portable cluster
+// Clusters up to this many rows (16 x 8 = 128 CTAs, one wave on the H100); set_silu_cluster_rows
+// moves it for measurements.
+static int cluster_max_rows = 16;
+void set_silu_cluster_rows(int rows) { cluster_max_rows = rows < 0 ? 16 : rows; }
 constexpr int kSiluMaxD = 32768;      // staging of one row's share: 64 KB of fp16/bf16 at most
 
 // h = silu(g) * u for one 16-byte vector each of gate and up values: PyTorch's silu (x / (1 +
@@ -131,7 +134,7 @@ static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* sc
 template <typename T>
 static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* scale,
                                   cudaStream_t stream) {
-  if (m <= kClusterMaxRows && pdl_supported()) {  // sm_90+: clusters
+  if (m <= cluster_max_rows && pdl_supported()) {  // sm_90+: clusters
     launch_silu_mul_quant<T, kClusterCtas, false>(x, m, d, q, scale, stream);
   } else if (quantize_by_product(m)) {
     launch_silu_mul_quant<T, 1, true>(x, m, d, q, scale, stream);

@@ -115,7 +115,9 @@ def check_quant_kernel(x, product):
 # above, rounding by the reciprocal's product from 1024 rows.
 @pytest.mark.parametrize("m,d", [(1, 14336), (2, 11008), (7, 18944), (16, 14336), (3, 32768),
                                  (5, 8), (17, 14336), (64, 8), (300, 4096), (1024, 14336)])
-def test_silu_mul_quant_kernel_bit_identical(m, d, dtype):
+# The rule (clusters of 8 CTAs a row up to 16 rows), one CTA a row at every M, clusters at every M.
+@pytest.mark.parametrize("cluster_rows", [-1, 0, 1 << 30], ids=["rule", "rows", "clusters"])
+def test_silu_mul_quant_kernel_bit_identical(m, d, dtype, cluster_rows):
     """qqq.silu_mul_quant against PyTorch's SiLU-and-mul on the GPU (vLLM's SiluAndMul in eager
     mode) quantized by the reference: the same codes and scales, every output written."""
     import torch.nn.functional as F
@@ -125,9 +127,13 @@ def test_silu_mul_quant_kernel_bit_identical(m, d, dtype):
     from vllm_qqq import _C
     q = torch.full((m, d), 0x55, dtype=torch.int8, device="cuda")  # poison
     s = torch.full((m, 1), float("nan"), device="cuda")
-    _C.silu_mul_quant(x.data_ptr(), ops._DTYPE_CODE[dtype], m, d, q.data_ptr(), s.data_ptr(),
-                      torch.cuda.current_stream().cuda_stream)
-    torch.cuda.synchronize()
+    _C.set_silu_cluster_rows(cluster_rows)
+    try:
+        _C.silu_mul_quant(x.data_ptr(), ops._DTYPE_CODE[dtype], m, d, q.data_ptr(),
+                          s.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+    finally:
+        _C.set_silu_cluster_rows(-1)
     q_ref, s_ref = quantize_per_token((F.silu(x[:, :d]) * x[:, d:]).cpu())
     assert torch.equal(s.cpu(), s_ref)
     assert torch.equal(q.cpu(), q_ref)
