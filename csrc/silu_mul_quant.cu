@@ -79,7 +79,8 @@ __device__ __forceinline__ void store_to_cluster_rank(const float* local, uint32
 #endif
 }
 
-// grid (kCtas, M): CTA (c, row) takes vectors [c * per, (c + 1) * per) of the row's D / 8.
+// grid (kCtas, M) in clusters of kCtas: CTA (c, row) takes vectors [c * per, (c + 1) * per) of
+// the row's D / 8; kCtas = 1: grid (M), a CTA a row (x, which takes any M).
 template <typename T, int kCtas, bool kProduct>
 __global__ void __launch_bounds__(kQuantThreads)
     silu_mul_quant_kernel(const T* __restrict__ x, int d, int8_t* __restrict__ q,
@@ -92,9 +93,10 @@ __global__ void __launch_bounds__(kQuantThreads)
   wait_for_prior_grid();
   allow_dependent_grid();
 
-  const size_t row = blockIdx.y;
+  const size_t row = kCtas > 1 ? blockIdx.y : blockIdx.x;
   const int vecs = d / 8, per = (vecs + kCtas - 1) / kCtas;
-  const int begin = static_cast<int>(blockIdx.x) * per, end = min(vecs, begin + per);
+  const int begin = kCtas > 1 ? static_cast<int>(blockIdx.x) * per : 0;
+  const int end = min(vecs, begin + per);
   const uint4* gate = reinterpret_cast<const uint4*>(x + row * 2 * d);
   const uint4* up = gate + vecs;
   float amax = 0.f;
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(kQuantThreads)
     for (int c = 0; c < kCtas; c++) amax = fmaxf(amax, cta_max[c]);
   }
   const float s = __fdiv_rn(amax, 127.f), r = kProduct ? reciprocal(s) : 0.f;
-  if (blockIdx.x == 0 && threadIdx.x == 0) scale[row] = s;
+  if (begin == 0 && threadIdx.x == 0) scale[row] = s;
   uint2* qr = reinterpret_cast<uint2*>(q + row * d);
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
     qr[i] = quantize_vector<T, kProduct>(staged[i - begin], s, r);  // this thread's own vectors
@@ -127,14 +129,16 @@ static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* sc
   constexpr auto kernel = silu_mul_quant_kernel<T, kCtas, kProduct>;
   allow_smem<kernel, kSiluMaxD / kCtas * static_cast<int>(sizeof(T))>();
   const int per = (d / 8 + kCtas - 1) / kCtas;
-  launch_kernel_clusters(kernel, dim3(kCtas, m), dim3(kQuantThreads), per * 16, stream,
-                         pdl_supported(), kCtas, "silu_mul_quant launch", x, d, q, scale);
+  launch_kernel_clusters(kernel, kCtas > 1 ? dim3(kCtas, m) : dim3(m), dim3(kQuantThreads),
+                         per * 16, stream, pdl_supported(), kCtas, "silu_mul_quant launch", x, d,
+                         q, scale);
 }
 
 template <typename T>
 static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* scale,
                                   cudaStream_t stream) {
-  if (m <= cluster_max_rows && pdl_supported()) {  // sm_90+: clusters
+  // Clusters on sm_90+, and within the grid's y limit (the rows).
+  if (m <= cluster_max_rows && m <= 65535 && pdl_supported()) {
     launch_silu_mul_quant<T, kClusterCtas, false>(x, m, d, q, scale, stream);
   } else if (quantize_by_product(m)) {
     launch_silu_mul_quant<T, 1, true>(x, m, d, q, scale, stream);
