@@ -184,7 +184,8 @@ VARIANTS = {
     "_pdl": {"TORCHINDUCTOR_ENABLE_PDL": "1"},  # Inductor's kernels as programmatic launches
     "_plain_inductor": {"VLLM_QQQ_INDUCTOR_PDL": "0"},  # the plugin leaves Inductor's default
     "_looped_rows": {"VLLM_QQQ_PERSISTENT_ROWS": "0"},  # Inductor's own reduction heuristic
-    "_fused_silu": {"VLLM_QQQ_FUSED_SILU_QUANT": "1"},  # our SiLU-and-mul + quantization kernel
+    "_fused_silu": {"VLLM_QQQ_FUSED_QUANT": "silu"},  # our SiLU-and-mul + quantization kernel
+    "_fused": {"VLLM_QQQ_FUSED_QUANT": "1"},  # that and our add + RMSNorm + quantization kernel
     # vLLM's compile_sizes: Inductor also compiles batches 1 and 16 with static shapes. With the
     # batch symbolic, a one-row norm or SiLU-mul reduction (with the quantization fused) runs as
     # one program on one SM; with M = 1 known, Inductor may split it over many.

@@ -9,52 +9,42 @@ timed as CUDA-graph replays of back-to-back calls over rotating inputs (more byt
 the batch allows), with Inductor's programmatic launches on as the plugin sets them. Prints us
 per call and the ratio, and checks that both settings give the same int8 codes. SiLU-and-mul +
 quantization is also timed as our kernel (qqq.silu_mul_quant, what vllm_qqq.fusion puts in the
-graph with VLLM_QQQ_FUSED_SILU_QUANT=1).
+graph with VLLM_QQQ_FUSED_QUANT), likewise add + RMSNorm + quantization
+(qqq.add_rms_norm_quant).
 """
 
 import argparse
 
 import torch
 import torch._inductor.config as inductor_config
-import torch.nn.functional as F
 from torch._inductor.choices import InductorChoices
 from torch._inductor.virtualized import V
 
 from bench_gemm import replay_us
-from vllm_qqq import ops
+from vllm_qqq import ops, reference
 from vllm_qqq.inductor_choices import PersistentRows
-from vllm_qqq.reference import quantize_per_token
 
 HIDDEN, INTERMEDIATE, EPS = 4096, 14336, 1e-5
 
 
-def silu_mul_quant(x):
-    d = x.shape[-1] // 2
-    return quantize_per_token(F.silu(x[:, :d]) * x[:, d:])
-
-
 def add_rms_norm_quant(x, residual, weight):
-    # vLLM's fused add + RMSNorm (forward_native), then the quantization.
-    h = x.float() + residual.float()
-    residual = h.to(x.dtype)
-    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + EPS)
-    q, s = quantize_per_token(h.to(x.dtype) * weight)
-    return q, s, residual
-
-
-def quant(x):
-    return quantize_per_token(x)
+    # vLLM's fused add + RMSNorm (its PyTorch form), then the quantization.
+    return reference.add_rms_norm_quant(x, residual, weight, EPS)
 
 
 PATTERNS = {
-    "silu_mul_quant": (silu_mul_quant, lambda m: [(m, 2 * INTERMEDIATE)]),
+    "silu_mul_quant": (reference.silu_mul_quant, lambda m: [(m, 2 * INTERMEDIATE)]),
     "add_rms_norm_quant": (add_rms_norm_quant, lambda m: [(m, HIDDEN), (m, HIDDEN), (HIDDEN,)]),
-    "quant": (quant, lambda m: [(m, HIDDEN)]),
+    "quant": (reference.quantize_per_token, lambda m: [(m, HIDDEN)]),
 }
 
 
-# Our kernels for a pattern, as vllm_qqq.fusion calls them.
-KERNELS = {"silu_mul_quant": ops.silu_mul_quant}
+# Our kernels for a pattern, as vllm_qqq.fusion calls them, and their cluster setting.
+KERNELS = {
+    "silu_mul_quant": (ops.silu_mul_quant, "set_silu_cluster_rows"),
+    "add_rms_norm_quant": (lambda x, residual, weight: ops.add_rms_norm_quant(
+        x, residual, weight, EPS), "set_norm_cluster_rows"),
+}
 
 
 def inputs(shapes, sets):
@@ -118,8 +108,9 @@ def main():
             print(f"  {name:20s} M={m:5d}: inductor {base:8.2f} us, persistent {new:8.2f} us, "
                   f"ratio {new / base:5.3f}; max code difference {codes}, scale rel {scales:.1e}")
         if name in KERNELS:  # against the persistent rows (Inductor may keep fp32: one code)
+            kernel, setter = KERNELS[name]
             for m, s in sets.items():
-                q, scale = KERNELS[name](*s[0])
+                q, scale = kernel(*s[0])[:2]
                 b = outputs["persistent"][m]
                 codes = (q.int() - b[0].int()).abs().max().item()
                 scales = ((scale - b[1]).abs() / b[1].abs().clamp_min(1e-30)).max().item()
@@ -127,9 +118,9 @@ def main():
                 # M, one CTA a row at every M.
                 us = {}
                 for label, rows in (("rule", -1), ("clusters", 1 << 30), ("rows", 0)):
-                    ops._C.set_silu_cluster_rows(rows)
-                    us[label] = time_us(KERNELS[name], s)
-                ops._C.set_silu_cluster_rows(-1)
+                    getattr(ops._C, setter)(rows)
+                    us[label] = time_us(kernel, s)
+                getattr(ops._C, setter)(-1)
                 print(f"  {name:20s} M={m:5d}: our kernel {us['rule']:8.2f} us (clusters "
                       f"{us['clusters']:.2f}, a CTA a row {us['rows']:.2f}), against persistent "
                       f"{us['rule'] / times['persistent'][m]:5.3f}; max code difference {codes}, "

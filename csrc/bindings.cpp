@@ -32,6 +32,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("dtype"), py::arg("m"), py::arg("d"), py::arg("q"), py::arg("scale"),
       py::arg("stream"));
   m.def(
+      "add_rms_norm_quant",
+      [](uintptr_t x, uintptr_t residual, uintptr_t weight, float eps, int dtype, int rows, int h,
+         uintptr_t q, uintptr_t scale, uintptr_t residual_out, uintptr_t stream) {
+        qqq::add_rms_norm_quant(ptr<const void>(x), ptr<const void>(residual),
+                                ptr<const void>(weight), eps, dtype, rows, h, ptr<int8_t>(q),
+                                ptr<float>(scale), ptr<void>(residual_out),
+                                reinterpret_cast<cudaStream_t>(stream));
+      },
+      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("dtype"),
+      py::arg("m"), py::arg("h"), py::arg("q"), py::arg("scale"), py::arg("residual_out"),
+      py::arg("stream"));
+  m.def(
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
          uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,
@@ -70,6 +82,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_silu_cluster_rows", &qqq::set_silu_cluster_rows, py::arg("rows"),
         "Tuning: silu_mul_quant splits each row over a cluster of 8 CTAs up to this many rows "
         "(< 0: the default, 16; 0: never).");
+  m.def("set_norm_cluster_rows", &qqq::set_norm_cluster_rows, py::arg("rows"),
+        "Tuning: add_rms_norm_quant splits each row over a cluster of 8 CTAs up to this many "
+        "rows (< 0: the default, 16; 0: never).");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def(

@@ -26,6 +26,15 @@ void silu_mul_quant(const void* x, int dtype, int m, int d, int8_t* q, float* sc
 // Tuning: silu_mul_quant splits rows over clusters of CTAs up to this many rows (< 0: 16).
 void set_silu_cluster_rows(int rows);
 
+// For x, residual [m, h] and weight [h]: residual_out = x + residual and q, scale =
+// quantize_per_token(rms_norm(x + residual) * weight), rounded as vLLM's fused_add_rms_norm
+// rounds in PyTorch (add_rms_norm_quant.cu). h % 8 == 0, h <= 16384.
+void add_rms_norm_quant(const void* x, const void* residual, const void* weight, float eps,
+                        int dtype, int m, int h, int8_t* q, float* scale, void* residual_out,
+                        cudaStream_t stream);
+// Tuning: add_rms_norm_quant splits rows over clusters of CTAs up to this many rows (< 0: 16).
+void set_norm_cluster_rows(int rows);
+
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
 // weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
 // group scales [K/128, N]. workspace: int32 of ops.workspace_size(n) entries, its counters zeroed

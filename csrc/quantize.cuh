@@ -63,16 +63,25 @@ __device__ __forceinline__ float reciprocal(float s) {
   return s >= 1.17549435e-38f ? __frcp_rn(s) : 0.f;
 }
 
-__device__ __forceinline__ float block_absmax(float amax) {
+// `value` combined over the block's kQuantThreads threads by `combine`, for every thread;
+// per_warp: kQuantThreads / 32 floats of shared memory, not in use by another call.
+template <typename Combine>
+__device__ __forceinline__ float block_combine(float value, float* per_warp, Combine combine) {
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, off));
-  __shared__ float warp_max[kQuantThreads / 32];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = amax;
+  for (int off = 16; off > 0; off /= 2) {
+    value = combine(value, __shfl_xor_sync(0xffffffff, value, off));
+  }
+  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = value;
   __syncthreads();
-  amax = warp_max[0];
+  value = per_warp[0];
 #pragma unroll
-  for (int w = 1; w < kQuantThreads / 32; w++) amax = fmaxf(amax, warp_max[w]);
-  return amax;
+  for (int w = 1; w < kQuantThreads / 32; w++) value = combine(value, per_warp[w]);
+  return value;
+}
+
+__device__ __forceinline__ float block_absmax(float amax) {
+  __shared__ float warp_max[kQuantThreads / 32];
+  return block_combine(amax, warp_max, [](float a, float b) { return fmaxf(a, b); });
 }
 
 }  // namespace qqq

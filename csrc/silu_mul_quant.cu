@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cluster.cuh"
 #include "kernels.h"
 #include "quantize.cuh"
 
@@ -43,42 +44,6 @@ __device__ __forceinline__ uint4 silu_mul_vector(const uint4& g, const uint4& u)
   return h;
 }
 
-// Thread-block clusters (sm_90+; the kernels with kCtas > 1 run only there).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-#endif
-  return rank;
-}
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_arrive() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// value -> the float at `local` (a shared-memory address of this CTA) in CTA `rank`'s shared
-// memory.
-__device__ __forceinline__ void store_to_cluster_rank(const float* local, uint32_t rank,
-                                                      float value) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(remote)
-               : "r"(smem_addr(local)), "r"(rank));
-  asm volatile("st.shared::cluster.f32 [%0], %1;\n" ::"r"(remote), "f"(value) : "memory");
-#endif
-}
-
 // grid (kCtas, M) in clusters of kCtas: CTA (c, row) takes vectors [c * per, (c + 1) * per) of
 // the row's D / 8; kCtas = 1: grid (M), a CTA a row (x, which takes any M).
 template <typename T, int kCtas, bool kProduct>
@@ -107,13 +72,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   }
   amax = block_absmax(amax);
   if constexpr (kCtas > 1) {
-    // Every CTA's absmax into every CTA's cta_max, once all of them run; then the row's.
-    cluster_wait();
-    if (threadIdx.x < kCtas) store_to_cluster_rank(&cta_max[cluster_rank()], threadIdx.x, amax);
-    cluster_arrive();
-    cluster_wait();
-#pragma unroll
-    for (int c = 0; c < kCtas; c++) amax = fmaxf(amax, cta_max[c]);
+    cluster_wait();  // every CTA of the cluster runs
+    amax = cluster_combine<kCtas>(amax, cta_max, [](float a, float b) { return fmaxf(a, b); });
   }
   const float s = __fdiv_rn(amax, 127.f), r = kProduct ? reciprocal(s) : 0.f;
   if (begin == 0 && threadIdx.x == 0) scale[row] = s;

@@ -52,7 +52,7 @@ run_step() {
       ;;
     sanitize)
       compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider \
-        -m gpu tests/test_kernels_gpu.py -k "small_partial_n or wide_partial_n or (quant_kernel and 128) or (every_wgmma_tile and True) or small_m_kernels_either_way or (silu_mul_quant_kernel and not 1024 and not rule)" 2>&1 \
+        -m gpu tests/test_kernels_gpu.py -k "small_partial_n or wide_partial_n or (quant_kernel and 128) or (every_wgmma_tile and True) or small_m_kernels_either_way or ((silu_mul_quant_kernel or add_rms_norm_quant_kernel) and not 1024 and not rule)" 2>&1 \
         | tee "$out/sanitizer.log" | tail -8 || status=1
       ;;
     bench)

@@ -277,7 +277,7 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
     same result, and leaves alone a product of slices that are not x's halves and float32."""
     import torch.nn.functional as F
 
-    from vllm_qqq.fusion import SiluMulQuantFusion
+    from vllm_qqq.fusion import QuantFusion
     from vllm_qqq.reference import quantize_per_token, silu_mul
 
     def pair(x):
@@ -291,13 +291,13 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
                          (other_slices, torch.randn(7, 48, generator=gen).half(), 0),
                          (pair, torch.randn(7, 64, generator=gen), 0)]:
         torch._dynamo.reset()
-        fusion = SiluMulQuantFusion()
+        fusion = QuantFusion(["silu"])
         compiled = torch.compile(fn, fullgraph=True,
                                  options={"post_grad_custom_post_pass": fusion})
         torch._dynamo.mark_dynamic(x, 0)  # the tokens, as vLLM compiles
         with torch.compiler.config.patch(force_disable_caches=True):  # so that the pass runs
             q, s = compiled(x)
-        assert fusion.fused == fused, fn.__name__
+        assert fusion.fused == {"silu": fused}, fn.__name__
         rq, rs = fn(x)
         if fused:  # the op: the reference itself
             assert torch.equal(q, rq) and torch.equal(s, rs)
@@ -306,24 +306,23 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
             torch.testing.assert_close(s, rs, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("env,user,expected", [({}, None, False),
-                                               ({"VLLM_QQQ_FUSED_SILU_QUANT": "1"}, None, True),
-                                               ({"VLLM_QQQ_FUSED_SILU_QUANT": "1"}, "own",
-                                                False)])
-def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, env, user, expected):
-    """Building a QQQ linear with VLLM_QQQ_FUSED_SILU_QUANT=1 puts the pass into vLLM's compile
-    config (as Inductor's post-grad custom pass), unless the user has a post-grad pass of their
-    own; off by default."""
+@pytest.mark.parametrize("value,user,expected", [
+    (None, None, None), ("0", None, None), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
+    ("norm, silu", None, ("silu", "norm")), ("1", "own", None)])
+def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value, user, expected):
+    """Building a QQQ linear with VLLM_QQQ_FUSED_QUANT set puts the pass for the pairs it names
+    into vLLM's compile config (as Inductor's post-grad custom pass), unless the user has a
+    post-grad pass of their own; off by default."""
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase
 
     from vllm_qqq.config import QQQConfig
-    from vllm_qqq.fusion import SiluMulQuantFusion
+    from vllm_qqq.fusion import QuantFusion
 
-    monkeypatch.delenv("VLLM_QQQ_FUSED_SILU_QUANT", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("VLLM_QQQ_FUSED_QUANT", raising=False)
+    if value is not None:
+        monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", value)
     config = VllmConfig()
     passes = config.compilation_config.inductor_compile_config
     own = CallableInductorPass(lambda graph: None, uuid="own") if user else None
@@ -332,6 +331,64 @@ def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, env, 
     with set_current_vllm_config(config):
         assert QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x") is not None
     installed = passes.get("post_grad_custom_post_pass")
-    assert isinstance(installed, SiluMulQuantFusion) is expected
     if own:
         assert installed is own
+    elif expected:
+        assert isinstance(installed, QuantFusion) and installed.kinds == expected
+    else:
+        assert installed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_rms_norm_quant_is_the_reference_and_checks_its_input(dtype):
+    """qqq.add_rms_norm_quant on the CPU: vLLM's fused add + RMSNorm (its IR op's PyTorch
+    implementation), the quantization of its output, and the new residual."""
+    import vllm.ir.ops
+
+    from vllm_qqq.reference import quantize_per_token
+    gen = torch.Generator().manual_seed(5)
+    x, r = ((torch.randn(6, 64, generator=gen) * 3).to(dtype) for _ in range(2))
+    w = (torch.rand(64, generator=gen) + 0.5).to(dtype)
+    q, s, res = torch.ops.qqq.add_rms_norm_quant(x, r, w, 1e-6)
+    with vllm.ir.enable_torch_wrap(False):
+        y, res_ref = vllm.ir.ops.fused_add_rms_norm(x, r, w, 1e-6)
+    rq, rs = quantize_per_token(y)
+    assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(res, res_ref)
+    for bad in [(x.float(), r, w), (x, r.float(), w), (x, r[:3], w), (x, r, w[:32]),
+                (x[:, :60], r[:, :60], w[:60]), (x.t(), r.t(), w[:6])]:
+        with pytest.raises(ValueError, match="add_rms_norm_quant"):
+            torch.ops.qqq.add_rms_norm_quant(*bad, 1e-6)
+
+
+def test_fusion_pass_replaces_vllms_norm_and_its_quantization():
+    """As vLLM's graphs hold it on the GPU (its IR op, before vLLM lowers it): the pass fuses
+    fused_add_rms_norm + quantize_per_token into the op, at the graph's epsilon, with the same
+    results; not where the normed output has another use."""
+    import vllm.ir.ops
+
+    from vllm_qqq.fusion import QuantFusion
+    from vllm_qqq.reference import quantize_per_token
+
+    def pair(eps, keep_normed=False):
+        def fn(x, residual, weight):
+            y, new_residual = vllm.ir.ops.fused_add_rms_norm(x, residual, weight, eps)
+            return (*quantize_per_token(y), new_residual) + ((y,) if keep_normed else ())
+        return fn
+
+    gen = torch.Generator().manual_seed(6)
+    with vllm.ir.enable_torch_wrap(True):
+        for eps, keep, fused in [(1e-5, False, 1), (1e-6, False, 1), (3e-4, False, 1),
+                                 (1e-5, True, 0)]:
+            x, r = (torch.randn(7, 128, generator=gen).half() for _ in range(2))
+            w = (torch.rand(128, generator=gen) + 0.5).half()
+            torch._dynamo.reset()
+            fusion = QuantFusion(["norm"])
+            compiled = torch.compile(pair(eps, keep), fullgraph=True,
+                                     options={"post_grad_custom_post_pass": fusion})
+            torch._dynamo.mark_dynamic(x, 0)
+            torch._dynamo.mark_dynamic(r, 0)
+            with torch.compiler.config.patch(force_disable_caches=True):
+                got = compiled(x, r, w)
+            assert fusion.fused == {"norm": fused}, (eps, keep)
+            for a, b in zip(got, pair(eps, keep)(x, r, w), strict=True):
+                assert torch.equal(a, b)

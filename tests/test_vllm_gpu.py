@@ -30,18 +30,20 @@ def test_lora_adapter_with_the_kernels(qqq_calibrated, tmp_path):
     assert ties <= 8, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
 
 
-def test_fused_silu_mul_quant_generates_like_the_reference(qqq_checkpoints):
-    """VLLM_QQQ_FUSED_SILU_QUANT=1 on the GPU: vLLM's pass manager runs the plugin's pass on its
-    piecewise graphs (each layer's pair fused at least once) and the tokens stay on the
-    reference's greedy path, with the allowance above."""
+def test_fused_quant_generates_like_the_reference(qqq_checkpoints):
+    """VLLM_QQQ_FUSED_QUANT=1 on the GPU: vLLM's pass manager runs the plugin's pass on its
+    piecewise graphs, which fuses each layer's SiLU-and-mul and its add + RMSNorms (all but the
+    first layer's input norm, which has no residual) with their quantization, and the tokens
+    stay on the reference's greedy path, with the allowance above."""
     import json
     ckpt = qqq_checkpoints[-1]
     layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
-    env = {"VLLM_QQQ_FUSED_SILU_QUANT": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    env = {"VLLM_QQQ_FUSED_QUANT": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
            "VLLM_DISABLE_COMPILE_CACHE": "1", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     result = generate(ckpt, "qqq", dtype="float16", env=env)
     assert "linear layers run the QQQ CUDA kernels" in result["log"]
-    assert result["fused"] >= layers
+    assert result["fused"]["silu"] >= layers
+    assert result["fused"]["norm"] >= 2 * layers - 1
     ties = check_greedy(ckpt, result["tokens"], near_tie=1.0)
     assert ties <= 8, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
 

@@ -7,11 +7,12 @@ import os
 # VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py);
 # VLLM_QQQ_INDUCTOR_PDL=0: Inductor's kernels left as they are (config.py);
 # VLLM_QQQ_PERSISTENT_ROWS=0: Inductor's own reduction heuristic (config.py);
-# VLLM_QQQ_FUSED_SILU_QUANT=1: SiLU-and-mul and the down projection's quantization in one kernel
-# of ours instead of Inductor's (fusion.py; off until measured on the GPU).
+# VLLM_QQQ_FUSED_QUANT=1 (or "silu", "norm", "silu,norm"): SiLU-and-mul and add + RMSNorm with
+# the next linear's quantization in kernels of ours instead of Inductor's (fusion.py; off until
+# measured on the GPU).
 ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1",
                "VLLM_QQQ_INDUCTOR_PDL": "1", "VLLM_QQQ_PERSISTENT_ROWS": "1",
-               "VLLM_QQQ_FUSED_SILU_QUANT": "0"}
+               "VLLM_QQQ_FUSED_QUANT": "0"}
 
 
 def setting(name: str) -> str:

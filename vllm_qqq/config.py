@@ -48,24 +48,42 @@ def enable_persistent_rows() -> None:
         V.set_choices_handler(PersistentRows())
 
 
-def enable_silu_mul_quant_fusion() -> None:
-    """With VLLM_QQQ_FUSED_SILU_QUANT=1, vLLM's compiled graphs get
-    vllm_qqq.fusion's pass as Inductor's post-grad custom pass, which vLLM runs after its own
-    passes and keys its compile cache on (the pass's uuid). Left alone where the user set a
-    post-grad pass of their own (Inductor takes one)."""
-    if setting("VLLM_QQQ_FUSED_SILU_QUANT") != "1":
+def fused_quant_kinds() -> tuple[str, ...]:
+    """The pairs VLLM_QQQ_FUSED_QUANT asks to fuse: "1" all of fusion.KINDS, "0" or "" none,
+    else a comma-separated subset of them."""
+    from vllm_qqq.fusion import KINDS
+
+    value = setting("VLLM_QQQ_FUSED_QUANT").strip()
+    if value in ("", "0"):
+        return ()
+    if value == "1":
+        return KINDS
+    kinds = tuple(k.strip() for k in value.split(","))
+    if not set(kinds) <= set(KINDS):
+        raise ValueError(f"VLLM_QQQ_FUSED_QUANT={value!r}: expected 0, 1 or a comma-separated "
+                         f"subset of {', '.join(KINDS)}")
+    return kinds
+
+
+def enable_quant_fusion() -> None:
+    """With VLLM_QQQ_FUSED_QUANT set, vLLM's compiled graphs get vllm_qqq.fusion's pass as
+    Inductor's post-grad custom pass, which vLLM runs after its own passes and keys its compile
+    cache on (the pass's uuid). Left alone where the user set a post-grad pass of their own
+    (Inductor takes one)."""
+    kinds = fused_quant_kinds()
+    if not kinds:
         return
     from vllm.config import get_current_vllm_config
 
-    from vllm_qqq.fusion import SiluMulQuantFusion
+    from vllm_qqq.fusion import QuantFusion
 
     passes = get_current_vllm_config().compilation_config.inductor_compile_config
     current = passes.get("post_grad_custom_post_pass")
     if current is None:
-        passes["post_grad_custom_post_pass"] = SiluMulQuantFusion()
-    elif not isinstance(current, SiluMulQuantFusion):
-        logger.warning("VLLM_QQQ_FUSED_SILU_QUANT=1 is ignored: a post_grad_custom_post_pass of "
-                       "your own is set (%s)", type(current).__name__)
+        passes["post_grad_custom_post_pass"] = QuantFusion(kinds)
+    elif not isinstance(current, QuantFusion):
+        logger.warning("VLLM_QQQ_FUSED_QUANT is ignored: a post_grad_custom_post_pass of your "
+                       "own is set (%s)", type(current).__name__)
 
 
 class QQQConfig(QuantizationConfig):
@@ -116,6 +134,6 @@ class QQQConfig(QuantizationConfig):
             # Here: in the process that builds and compiles the model.
             enable_inductor_pdl()
             enable_persistent_rows()
-            enable_silu_mul_quant_fusion()
+            enable_quant_fusion()
             return QQQLinearMethod(self)
         return None

@@ -17,6 +17,7 @@ import torch
 from vllm_qqq import setting
 from vllm_qqq.format import QQQWeight
 from vllm_qqq.reference import int8_matmul, quantize_per_token, scale_output
+from vllm_qqq.reference import add_rms_norm_quant as add_rms_norm_quant_reference
 from vllm_qqq.reference import silu_mul_quant as silu_mul_quant_reference
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,41 @@ def silu_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _(x):
     return (x.new_empty((x.shape[0], x.shape[1] // 2), dtype=torch.int8),
             x.new_empty((x.shape[0], 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("qqq::add_rms_norm_quant", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual [M, H], weight [H], fp16/bf16 alike -> (int8 [M, H], float32 [M, 1], new
+    residual [M, H]): vLLM's fused add + RMSNorm and the per-token quantization of its output in
+    one kernel (csrc/add_rms_norm_quant.cu), put in vLLM's graphs by vllm_qqq.fusion."""
+    h = x.shape[-1]
+    if (x.dtype not in _DTYPE_CODE or residual.dtype != x.dtype or weight.dtype != x.dtype
+            or x.dim() != 2 or residual.shape != x.shape or tuple(weight.shape) != (h,)
+            or not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous())
+            or h % 8):
+        raise ValueError(f"qqq.add_rms_norm_quant needs contiguous fp16/bf16 x, residual [M, H] "
+                         f"and weight [H] of one dtype, H % 8 == 0; got {x.dtype} "
+                         f"{list(x.shape)}, {residual.dtype} {list(residual.shape)}, "
+                         f"{weight.dtype} {list(weight.shape)}")
+    if x.device.type == "cpu" or _C is None:
+        return add_rms_norm_quant_reference(x, residual, weight, eps)
+    m = x.shape[0]
+    q = torch.empty(m, h, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    new_residual = torch.empty_like(x)
+    if m:
+        _C.add_rms_norm_quant(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), eps,
+                              _DTYPE_CODE[x.dtype], m, h, q.data_ptr(), s.data_ptr(),
+                              new_residual.data_ptr(), _stream(x))
+    return q, s, new_residual
+
+
+@add_rms_norm_quant.register_fake
+def _(x, residual, weight, eps):
+    return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32), torch.empty_like(x))
 
 
 @torch.library.custom_op("qqq::gemm", mutates_args=("workspace",), device_types=("cpu", "cuda"))

@@ -38,6 +38,23 @@ def silu_mul_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token(silu_mul(x))
 
 
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's fused add + RMSNorm in PyTorch (vllm/ir/ops/layernorm.py), weight in x's dtype:
+    (rms_norm(x + residual) * weight, x + residual), both in x's dtype."""
+    s = x.float() + residual.float()
+    y = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight, s.to(x.dtype)
+
+
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes, scale) of the per-token quantization of the normed x + residual, and the new
+    residual: the input of the next QKV or gate-up projection."""
+    y, new_residual = add_rms_norm(x, residual, weight, eps)
+    return (*quantize_per_token(y), new_residual)
+
+
 def int8_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int32 product of int8 a [M, K] and int8 w [K, N]."""
     # float64 holds every partial sum exactly (|sum| < 128 * 128 * K << 2**53) and is fast on CPUs.
