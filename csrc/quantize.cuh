@@ -1,6 +1,6 @@
-// Device helpers of the per-token int8 quantization (quant_per_token.cu, silu_mul_quant.cu):
-// the reference's arithmetic (vllm_qqq.reference.quantize_per_token) on 16-byte vectors of 8
-// fp16/bf16 values, and the absmax of a block's share of a row.
+// Device helpers of the per-token int8 quantization (quant_per_token.cu, silu_mul_quant.cu,
+// add_rms_norm_quant.cu): the reference's arithmetic (vllm_qqq.reference.quantize_per_token) on
+// 16-byte vectors of 8 fp16/bf16 values, and reductions over a block's share of a row.
 #pragma once
 
 #include "common.cuh"

@@ -339,6 +339,17 @@ def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value
         assert installed is None
 
 
+def test_a_fused_quant_setting_it_does_not_know_is_an_error(monkeypatch):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_qqq.config import QQQConfig
+
+    monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", "silu,gelu")
+    with set_current_vllm_config(VllmConfig()), pytest.raises(ValueError, match="gelu"):
+        QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_add_rms_norm_quant_is_the_reference_and_checks_its_input(dtype):
     """qqq.add_rms_norm_quant on the CPU: vLLM's fused add + RMSNorm (its IR op's PyTorch
