@@ -17,10 +17,11 @@
 
 namespace qqq {
 
-constexpr int kNormCtas = 8;
 constexpr int kNormMaxH = 16384;  // staging of one row's share: 64 KB of fp32 at most
-static int norm_cluster_max_rows = 16;
-void set_norm_cluster_rows(int rows) { norm_cluster_max_rows = rows < 0 ? 16 : rows; }
+static int norm_cluster_max_rows = kClusterRowsDefault;
+void set_norm_cluster_rows(int rows) {
+  norm_cluster_max_rows = rows < 0 ? kClusterRowsDefault : rows;
+}
 
 // The 8 values of y = T(T(s * inv) * w) for one vector of s (two float4) and one of the weight.
 template <typename T>
@@ -123,8 +124,8 @@ template <typename T>
 static void launch_add_rms_norm_quant(const T* x, const T* residual, const T* weight, float eps,
                                       int m, int h, int8_t* q, float* scale, T* residual_out,
                                       cudaStream_t stream) {
-  if (m <= norm_cluster_max_rows && m <= 65535 && pdl_supported()) {
-    launch_add_rms_norm_quant<T, kNormCtas, false>(x, residual, weight, eps, m, h, q, scale,
+  if (rows_in_clusters(m, norm_cluster_max_rows)) {
+    launch_add_rms_norm_quant<T, kClusterCtas, false>(x, residual, weight, eps, m, h, q, scale,
                                                    residual_out, stream);
   } else if (quantize_by_product(m)) {
     launch_add_rms_norm_quant<T, 1, true>(x, residual, weight, eps, m, h, q, scale, residual_out,

@@ -7,6 +7,17 @@
 
 namespace qqq {
 
+constexpr int kClusterCtas = 8;  // a row's CTAs: the largest portable cluster
+// Rows up to which the row kernels use clusters by default: 16 x 8 = 128 CTAs, one wave on the
+// H100 (their set_*_cluster_rows move it for measurements).
+constexpr int kClusterRowsDefault = 16;
+
+// Whether a row kernel takes m rows in clusters: on sm_90+, up to max_rows rows, and within the
+// grid's y limit (a row each).
+inline bool rows_in_clusters(int m, int max_rows) {
+  return m <= max_rows && m <= 65535 && pdl_supported();
+}
+
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t rank = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

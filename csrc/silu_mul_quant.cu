@@ -18,11 +18,8 @@
 
 namespace qqq {
 
-constexpr int kClusterCtas = 8;  // the largest portable cluster
-// Clusters up to this many rows (16 x 8 = 128 CTAs, one wave on the H100); set_silu_cluster_rows
-// moves it for measurements.
-static int cluster_max_rows = 16;
-void set_silu_cluster_rows(int rows) { cluster_max_rows = rows < 0 ? 16 : rows; }
+static int cluster_max_rows = kClusterRowsDefault;
+void set_silu_cluster_rows(int rows) { cluster_max_rows = rows < 0 ? kClusterRowsDefault : rows; }
 constexpr int kSiluMaxD = 32768;      // staging of one row's share: 64 KB of fp16/bf16 at most
 
 // h = silu(g) * u for one 16-byte vector each of gate and up values: PyTorch's silu (x / (1 +
@@ -97,8 +94,7 @@ static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* sc
 template <typename T>
 static void launch_silu_mul_quant(const T* x, int m, int d, int8_t* q, float* scale,
                                   cudaStream_t stream) {
-  // Clusters on sm_90+, and within the grid's y limit (the rows).
-  if (m <= cluster_max_rows && m <= 65535 && pdl_supported()) {
+  if (rows_in_clusters(m, cluster_max_rows)) {
     launch_silu_mul_quant<T, kClusterCtas, false>(x, m, d, q, scale, stream);
   } else if (quantize_by_product(m)) {
     launch_silu_mul_quant<T, 1, true>(x, m, d, q, scale, stream);
