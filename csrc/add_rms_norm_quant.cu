@@ -6,8 +6,8 @@
 // PyTorch's, so y may differ from it in the last place now and then (and a code by one).
 //
 // As silu_mul_quant.cu: rows of batches up to 16 are split over a cluster of 8 CTAs (each stages
-// its share of s in fp32 in shared memory; the CTAs combine their sums of squares, then their
-// absmax, through distributed shared memory); above, one CTA a row.
+// its share of s in fp32 and of the weight in shared memory; the CTAs combine their sums of
+// squares, then their absmax, through distributed shared memory); above, one CTA a row.
 #include <stdexcept>
 #include <string>
 
@@ -17,7 +17,10 @@
 
 namespace qqq {
 
-constexpr int kNormMaxH = 16384;  // staging of one row's share: 64 KB of fp32 at most
+constexpr int kNormMaxH = 16384;  // staging of one row's share: 96 KB at most (s and weight)
+// Vectors of x, residual and weight in flight per thread: two (one round trip for H = 4096),
+// where kLoadBatch's four took 80 registers, 3 CTAs an SM.
+constexpr int kNormLoadBatch = 2;
 static int norm_cluster_max_rows = kClusterRowsDefault;
 void set_norm_cluster_rows(int rows) {
   norm_cluster_max_rows = rows < 0 ? kClusterRowsDefault : rows;
@@ -46,7 +49,9 @@ __global__ void __launch_bounds__(kQuantThreads)
                               const T* __restrict__ weight, float eps, int h,
                               int8_t* __restrict__ q, float* __restrict__ scale,
                               T* __restrict__ residual_out) {
-  extern __shared__ float4 sums[];  // s of this CTA's vectors, two float4 each
+  // This CTA's vectors: s (two float4 each), then the weight's (uint4 each), so that the weight
+  // is read with x and the residual, in the same round trip.
+  extern __shared__ float4 sums[];
   __shared__ float per_warp_sum[kQuantThreads / 32];
   __shared__ float cta_sum[kCtas], cta_max[kCtas];
   if constexpr (kCtas > 1) cluster_arrive_relaxed();  // this CTA is running (cluster.cuh)
@@ -57,28 +62,42 @@ __global__ void __launch_bounds__(kQuantThreads)
   const int vecs = h / 8, per = (vecs + kCtas - 1) / kCtas;
   const int begin = kCtas > 1 ? static_cast<int>(blockIdx.x) * per : 0;
   const int end = min(vecs, begin + per);
+  uint4* weights = reinterpret_cast<uint4*>(sums + 2 * per);
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * h);
   const uint4* rr = reinterpret_cast<const uint4*>(residual + row * h);
   uint4* ro = reinterpret_cast<uint4*>(residual_out + row * h);
   const uint4* wv = reinterpret_cast<const uint4*>(weight);
 
   float sumsq = 0.f;
-  for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
-    const uint4 xa = xr[i], ra = rr[i];
-    const T* xe = reinterpret_cast<const T*>(&xa);
-    const T* re = reinterpret_cast<const T*>(&ra);
-    float s[8];
-    uint4 rounded;
-    T* oe = reinterpret_cast<T*>(&rounded);
+  for (int first = begin + threadIdx.x; first < end; first += kNormLoadBatch * kQuantThreads) {
+    uint4 xa[kNormLoadBatch], ra[kNormLoadBatch], wa[kNormLoadBatch];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      s[j] = __fadd_rn(OutType<T>::to_float(xe[j]), OutType<T>::to_float(re[j]));
-      oe[j] = OutType<T>::from_float(s[j]);
-      sumsq = __fmaf_rn(s[j], s[j], sumsq);
+    for (int j = 0; j < kNormLoadBatch; j++) {
+      const int i = first + j * kQuantThreads;
+      if (i < end) {
+        xa[j] = load_vector(xr + i), ra[j] = load_vector(rr + i), wa[j] = load_vector(wv + i);
+      }
     }
-    ro[i] = rounded;
-    sums[2 * (i - begin)] = make_float4(s[0], s[1], s[2], s[3]);
-    sums[2 * (i - begin) + 1] = make_float4(s[4], s[5], s[6], s[7]);
+#pragma unroll
+    for (int j = 0; j < kNormLoadBatch; j++) {
+      const int i = first + j * kQuantThreads;
+      if (i >= end) continue;
+      const T* xe = reinterpret_cast<const T*>(&xa[j]);
+      const T* re = reinterpret_cast<const T*>(&ra[j]);
+      float v[8];
+      uint4 rounded;
+      T* oe = reinterpret_cast<T*>(&rounded);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        v[e] = __fadd_rn(OutType<T>::to_float(xe[e]), OutType<T>::to_float(re[e]));
+        oe[e] = OutType<T>::from_float(v[e]);
+        sumsq = __fmaf_rn(v[e], v[e], sumsq);
+      }
+      ro[i] = rounded;
+      sums[2 * (i - begin)] = make_float4(v[0], v[1], v[2], v[3]);
+      sums[2 * (i - begin) + 1] = make_float4(v[4], v[5], v[6], v[7]);
+      weights[i - begin] = wa[j];
+    }
   }
   const auto add = [](float a, float b) { return __fadd_rn(a, b); };
   const auto larger = [](float a, float b) { return fmaxf(a, b); };
@@ -93,7 +112,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   float amax = 0.f;
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
     amax = vector_absmax<T>(normalized_vector<T>(sums[2 * (i - begin)],
-                                                 sums[2 * (i - begin) + 1], inv, wv[i]),
+                                                 sums[2 * (i - begin) + 1], inv,
+                                                 weights[i - begin]),
                             amax);
   }
   amax = block_absmax(amax);
@@ -103,7 +123,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   uint2* qr = reinterpret_cast<uint2*>(q + row * h);
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
     const uint4 y =
-        normalized_vector<T>(sums[2 * (i - begin)], sums[2 * (i - begin) + 1], inv, wv[i]);
+        normalized_vector<T>(sums[2 * (i - begin)], sums[2 * (i - begin) + 1], inv, weights[i - begin]);
     qr[i] = quantize_vector<T, kProduct>(y, sc, r);
   }
 }
@@ -113,10 +133,10 @@ static void launch_add_rms_norm_quant(const T* x, const T* residual, const T* we
                                       int m, int h, int8_t* q, float* scale, T* residual_out,
                                       cudaStream_t stream) {
   constexpr auto kernel = add_rms_norm_quant_kernel<T, kCtas, kProduct>;
-  allow_smem<kernel, kNormMaxH / kCtas * 4>();
+  allow_smem<kernel, kNormMaxH / kCtas * 6>();  // 4 bytes of s and 2 of the weight a value
   const int per = (h / 8 + kCtas - 1) / kCtas;
   launch_kernel_clusters(kernel, kCtas > 1 ? dim3(kCtas, m) : dim3(m), dim3(kQuantThreads),
-                         per * 32, stream, pdl_supported(), kCtas, "add_rms_norm_quant launch",
+                         per * 48, stream, pdl_supported(), kCtas, "add_rms_norm_quant launch",
                          x, residual, weight, eps, h, q, scale, residual_out);
 }
 

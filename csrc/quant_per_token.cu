@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
 #pragma unroll
     for (int j = 0; j < kVecs; j++) {
       const int i = threadIdx.x + j * kQuantThreads;
-      v[j] = i < vecs ? xr[i] : make_uint4(0, 0, 0, 0);
+      v[j] = i < vecs ? load_vector(xr + i) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int j = 0; j < kVecs; j++) amax = vector_absmax<T>(v[j], amax);
@@ -64,11 +64,13 @@ __global__ void __launch_bounds__(kQuantThreads) quant_per_token_kernel(const T*
       if (i < vecs) qr[i] = quantize_vector<T, kProduct>(v[j], s, r);
     }
   } else {
-    for (int i = threadIdx.x; i < vecs; i += kQuantThreads) amax = vector_absmax<T>(xr[i], amax);
+    for (int i = threadIdx.x; i < vecs; i += kQuantThreads) {
+      amax = vector_absmax<T>(load_vector(xr + i), amax);
+    }
     const float s = __fdiv_rn(block_absmax(amax), 127.f), r = kProduct ? reciprocal(s) : 0.f;
     if (threadIdx.x == 0) scale[row] = s;
     for (int i = threadIdx.x; i < vecs; i += kQuantThreads) {
-      qr[i] = quantize_vector<T, kProduct>(xr[i], s, r);
+      qr[i] = quantize_vector<T, kProduct>(load_vector(xr + i), s, r);
     }
   }
 }

@@ -6,9 +6,11 @@
 //
 // Why not leave it to Inductor: its fused kernel gives a row one CTA, so at decode sizes the
 // whole row (Llama-3-8B: 2 x 14336 values) streams through one SM (4.8 us at M = 1 on the H100,
-// benchmarks/results/row_quant_h100.log). Here rows of up to 16 tokens (cluster_max_rows) are split
-// over a cluster of kClusterCtas CTAs on as many SMs; the CTAs exchange their absmax through
-// distributed shared memory. Longer batches take one CTA per row (bandwidth-bound there).
+// benchmarks/results/row_quant_h100.log). Here each row is split over a cluster of kClusterCtas
+// CTAs on as many SMs; the CTAs exchange their absmax through distributed shared memory. A row
+// costs ~40 instructions a value (PyTorch's expf and IEEE division, the rounding), so a CTA a row
+// is bound by its SM's issue rate even at large M: the clusters were faster at every M from 1 to
+// 8192 (row_quant_h100.log), and are the default for every batch (cluster_max_rows).
 #include <stdexcept>
 #include <string>
 
@@ -18,8 +20,11 @@
 
 namespace qqq {
 
-static int cluster_max_rows = kClusterRowsDefault;
-void set_silu_cluster_rows(int rows) { cluster_max_rows = rows < 0 ? kClusterRowsDefault : rows; }
+constexpr int kSiluClusterRowsDefault = 1 << 30;  // every batch (rows_in_clusters' limits aside)
+static int cluster_max_rows = kSiluClusterRowsDefault;
+void set_silu_cluster_rows(int rows) {
+  cluster_max_rows = rows < 0 ? kSiluClusterRowsDefault : rows;
+}
 constexpr int kSiluMaxD = 32768;      // staging of one row's share: 64 KB of fp16/bf16 at most
 
 // h = silu(g) * u for one 16-byte vector each of gate and up values: PyTorch's silu (x / (1 +
@@ -62,10 +67,22 @@ __global__ void __launch_bounds__(kQuantThreads)
   const uint4* gate = reinterpret_cast<const uint4*>(x + row * 2 * d);
   const uint4* up = gate + vecs;
   float amax = 0.f;
-  for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
-    const uint4 h = silu_mul_vector<T>(gate[i], up[i]);
-    staged[i - begin] = h;
-    amax = vector_absmax<T>(h, amax);
+  for (int first = begin + threadIdx.x; first < end; first += kLoadBatch * kQuantThreads) {
+    uint4 g[kLoadBatch], u[kLoadBatch];
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; j++) {
+      const int i = first + j * kQuantThreads;
+      if (i < end) g[j] = load_vector(gate + i), u[j] = load_vector(up + i);
+    }
+#pragma unroll
+    for (int j = 0; j < kLoadBatch; j++) {
+      const int i = first + j * kQuantThreads;
+      if (i < end) {
+        const uint4 h = silu_mul_vector<T>(g[j], u[j]);
+        staged[i - begin] = h;
+        amax = vector_absmax<T>(h, amax);
+      }
+    }
   }
   amax = block_absmax(amax);
   if constexpr (kCtas > 1) {

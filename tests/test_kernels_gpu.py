@@ -215,6 +215,9 @@ def test_add_rms_norm_quant_kernel_matches_vllms_norm(m, h, dtype, cluster_rows)
                               ops._DTYPE_CODE[dtype], m, h, q.data_ptr(), s.data_ptr(),
                               res.data_ptr(), torch.cuda.current_stream().cuda_stream)
         torch.cuda.synchronize()
+        # The op under the same setting: clusters and a CTA a row add the squares up in other
+        # orders, so only the same path gives the same bits.
+        q2, s2, res2 = torch.ops.qqq.add_rms_norm_quant(x, r, w, 1e-5)
     finally:
         _C.set_norm_cluster_rows(-1)
     y, res_ref = add_rms_norm(x, r, w, 1e-5)
@@ -224,7 +227,6 @@ def test_add_rms_norm_quant_kernel_matches_vllms_norm(m, h, dtype, cluster_rows)
     torch.testing.assert_close(s.cpu(), s_ref, rtol=place, atol=0)
     diff = (q.cpu().int() - q_ref.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-2
-    q2, s2, res2 = torch.ops.qqq.add_rms_norm_quant(x, r, w, 1e-5)
     assert torch.equal(q2, q) and torch.equal(s2, s) and torch.equal(res2, res)
 
 
