@@ -185,6 +185,7 @@ VARIANTS = {
     "_plain_inductor": {"VLLM_QQQ_INDUCTOR_PDL": "0"},  # the plugin leaves Inductor's default
     "_looped_rows": {"VLLM_QQQ_PERSISTENT_ROWS": "0"},  # Inductor's own reduction heuristic
     "_fused_silu": {"VLLM_QQQ_FUSED_QUANT": "silu"},  # our SiLU-and-mul + quantization kernel
+    "_unfused": {"VLLM_QQQ_FUSED_QUANT": "0"},  # Inductor's kernels for both (no fusion pass)
     "_fused": {"VLLM_QQQ_FUSED_QUANT": "1"},  # that and our add + RMSNorm + quantization kernel
     # vLLM's compile_sizes: Inductor also compiles batches 1 and 16 with static shapes. With the
     # batch symbolic, a one-row norm or SiLU-mul reduction (with the quantization fused) runs as

@@ -5,9 +5,10 @@
 // vllm_qqq.reference.quantize_per_token(y). The sum of squares adds up in another order than
 // PyTorch's, so y may differ from it in the last place now and then (and a code by one).
 //
-// As silu_mul_quant.cu: rows of batches up to 16 are split over a cluster of 8 CTAs (each stages
-// its share of s in fp32 and of the weight in shared memory; the CTAs combine their sums of
-// squares, then their absmax, through distributed shared memory); above, one CTA a row.
+// A CTA a row: it stages the row's s in fp32 and the weight in shared memory, so that x, the
+// residual and the weight are read in one round trip. For measurements, rows can also be split
+// over a cluster of 8 CTAs as in silu_mul_quant.cu (the CTAs combine their sums of squares, then
+// their absmax, through distributed shared memory); that was slower at every M measured.
 #include <stdexcept>
 #include <string>
 
@@ -21,9 +22,14 @@ constexpr int kNormMaxH = 16384;  // staging of one row's share: 96 KB at most (
 // Vectors of x, residual and weight in flight per thread: two (one round trip for H = 4096),
 // where kLoadBatch's four took 80 registers, 3 CTAs an SM.
 constexpr int kNormLoadBatch = 2;
-static int norm_cluster_max_rows = kClusterRowsDefault;
+// A CTA a row at every M by default: it was faster than the clusters even at M = 1 (2.88 against
+// 3.34 us for H = 4096; row_quant_h100.log), where a row's share is one vector a thread on 64 of
+// a CTA's 256 threads and the two cluster barriers come on top. The clusters stay for
+// set_norm_cluster_rows (measurements, tests).
+constexpr int kNormClusterRowsDefault = 0;
+static int norm_cluster_max_rows = kNormClusterRowsDefault;
 void set_norm_cluster_rows(int rows) {
-  norm_cluster_max_rows = rows < 0 ? kClusterRowsDefault : rows;
+  norm_cluster_max_rows = rows < 0 ? kNormClusterRowsDefault : rows;
 }
 
 // The 8 values of y = T(T(s * inv) * w) for one vector of s (two float4) and one of the weight.

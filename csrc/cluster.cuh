@@ -8,9 +8,6 @@
 namespace qqq {
 
 constexpr int kClusterCtas = 8;  // a row's CTAs: the largest portable cluster
-// Rows up to which add_rms_norm_quant uses clusters by default: 16 x 8 = 128 CTAs, one wave on
-// the H100 (silu_mul_quant: every batch; set_*_cluster_rows move them for measurements).
-constexpr int kClusterRowsDefault = 16;
 
 // Whether a row kernel takes m rows in clusters: on sm_90+, up to max_rows rows, and within the
 // grid's y limit (a row each).

@@ -6,11 +6,13 @@
 //
 // Why not leave it to Inductor: its fused kernel gives a row one CTA, so at decode sizes the
 // whole row (Llama-3-8B: 2 x 14336 values) streams through one SM (4.8 us at M = 1 on the H100,
-// benchmarks/results/row_quant_h100.log). Here each row is split over a cluster of kClusterCtas
-// CTAs on as many SMs; the CTAs exchange their absmax through distributed shared memory. A row
-// costs ~40 instructions a value (PyTorch's expf and IEEE division, the rounding), so a CTA a row
-// is bound by its SM's issue rate even at large M: the clusters were faster at every M from 1 to
-// 8192 (row_quant_h100.log), and are the default for every batch (cluster_max_rows).
+// benchmarks/results/row_quant_h100.log). Here rows of batches up to 64 tokens are split over a
+// cluster of kClusterCtas CTAs on as many SMs; the CTAs exchange their absmax through distributed
+// shared memory. Longer batches take a CTA a row: a value costs ~40 instructions (PyTorch's expf
+// and IEEE division, the rounding), and from some M on, the clusters' 8x the CTAs, their barriers
+// and idle threads (32 of 256 at D = 14336; not profiled) cost more than they save (measured:
+// clusters 6.98 against 9.56 us at M = 64, 17.45 against 13.59 at 256, 124.6 against 69.7 at
+// 2048; row_quant_h100.log).
 #include <stdexcept>
 #include <string>
 
@@ -20,7 +22,7 @@
 
 namespace qqq {
 
-constexpr int kSiluClusterRowsDefault = 1 << 30;  // every batch (rows_in_clusters' limits aside)
+constexpr int kSiluClusterRowsDefault = 64;
 static int cluster_max_rows = kSiluClusterRowsDefault;
 void set_silu_cluster_rows(int rows) {
   cluster_max_rows = rows < 0 ? kSiluClusterRowsDefault : rows;

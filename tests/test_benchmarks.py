@@ -54,6 +54,7 @@ def test_timeline_busy_plus_idle_is_the_span_and_busy_the_union():
     ("qqq_channel_looped_rows", ("qqq_channel", {"VLLM_QQQ_PERSISTENT_ROWS": "0"})),
     ("qqq_g128_fused_silu", ("qqq_g128", {"VLLM_QQQ_FUSED_QUANT": "silu"})),
     ("qqq_channel_fused", ("qqq_channel", {"VLLM_QQQ_FUSED_QUANT": "1"})),
+    ("qqq_channel_unfused", ("qqq_channel", {"VLLM_QQQ_FUSED_QUANT": "0"})),
 ])
 def test_split_variants_takes_the_suffixes_off_the_format(name, expected):
     assert split_variants(name) == expected

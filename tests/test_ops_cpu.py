@@ -307,12 +307,12 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
 
 
 @pytest.mark.parametrize("value,user,expected", [
-    (None, None, None), ("0", None, None), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
+    (None, None, ("silu",)), ("0", None, None), ("silu", None, ("silu",)), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
     ("norm, silu", None, ("silu", "norm")), ("1", "own", None)])
 def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value, user, expected):
     """Building a QQQ linear with VLLM_QQQ_FUSED_QUANT set puts the pass for the pairs it names
     into vLLM's compile config (as Inductor's post-grad custom pass), unless the user has a
-    post-grad pass of their own; off by default."""
+    post-grad pass of their own; by default the SiLU pair only."""
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase

@@ -7,12 +7,13 @@ import os
 # VLLM_QQQ_QUANT_PDL=0: the quantization kernel launched plainly, not early (ops.py);
 # VLLM_QQQ_INDUCTOR_PDL=0: Inductor's kernels left as they are (config.py);
 # VLLM_QQQ_PERSISTENT_ROWS=0: Inductor's own reduction heuristic (config.py);
-# VLLM_QQQ_FUSED_QUANT=1 (or "silu", "norm", "silu,norm"): SiLU-and-mul and add + RMSNorm with
-# the next linear's quantization in kernels of ours instead of Inductor's (fusion.py; off until
-# measured on the GPU).
+# VLLM_QQQ_FUSED_QUANT="silu": SiLU-and-mul with the down projection's quantization in a kernel of
+# ours instead of Inductor's (fusion.py); "1" or "silu,norm" also add + RMSNorm with the next
+# linear's quantization (slower than Inductor's at every batch measured, so not by default), "0"
+# neither.
 ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1",
                "VLLM_QQQ_INDUCTOR_PDL": "1", "VLLM_QQQ_PERSISTENT_ROWS": "1",
-               "VLLM_QQQ_FUSED_QUANT": "0"}
+               "VLLM_QQQ_FUSED_QUANT": "silu"}
 
 
 def setting(name: str) -> str:

@@ -66,24 +66,30 @@ def fused_quant_kinds() -> tuple[str, ...]:
 
 
 def enable_quant_fusion() -> None:
-    """With VLLM_QQQ_FUSED_QUANT set, vLLM's compiled graphs get vllm_qqq.fusion's pass as
-    Inductor's post-grad custom pass, which vLLM runs after its own passes and keys its compile
-    cache on (the pass's uuid). Left alone where the user set a post-grad pass of their own
-    (Inductor takes one)."""
+    """Where VLLM_QQQ_FUSED_QUANT names pairs (by default "silu"), vLLM's compiled graphs get
+    vllm_qqq.fusion's pass as Inductor's post-grad custom pass, which vLLM runs after its own
+    passes and keys its compile cache on (the pass's uuid). Left alone where the user set a
+    post-grad pass of their own (Inductor takes one), and where no vLLM config is current (a
+    layer built outside vLLM's model loading: no compiled graph to put it in)."""
     kinds = fused_quant_kinds()
     if not kinds:
         return
-    from vllm.config import get_current_vllm_config
+    from vllm.config import get_current_vllm_config_or_none
 
     from vllm_qqq.fusion import QuantFusion
 
-    passes = get_current_vllm_config().compilation_config.inductor_compile_config
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None:
+        return
+    passes = vllm_config.compilation_config.inductor_compile_config
     current = passes.get("post_grad_custom_post_pass")
     if current is None:
         passes["post_grad_custom_post_pass"] = QuantFusion(kinds)
     elif not isinstance(current, QuantFusion):
-        logger.warning("VLLM_QQQ_FUSED_QUANT is ignored: a post_grad_custom_post_pass of your "
-                       "own is set (%s)", type(current).__name__)
+        # A warning where the user asked for the fusion; the default's is only news.
+        log = logger.warning if "VLLM_QQQ_FUSED_QUANT" in os.environ else logger.info
+        log("VLLM_QQQ_FUSED_QUANT is ignored: a post_grad_custom_post_pass of your own is set "
+            "(%s)", type(current).__name__)
 
 
 class QQQConfig(QuantizationConfig):
