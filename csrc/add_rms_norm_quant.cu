@@ -128,8 +128,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   if (begin == 0 && threadIdx.x == 0) scale[row] = sc;
   uint2* qr = reinterpret_cast<uint2*>(q + row * h);
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
-    const uint4 y =
-        normalized_vector<T>(sums[2 * (i - begin)], sums[2 * (i - begin) + 1], inv, weights[i - begin]);
+    const uint4 y = normalized_vector<T>(sums[2 * (i - begin)], sums[2 * (i - begin) + 1], inv,
+                                         weights[i - begin]);
     qr[i] = quantize_vector<T, kProduct>(y, sc, r);
   }
 }
