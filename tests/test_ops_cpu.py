@@ -307,7 +307,8 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
 
 
 @pytest.mark.parametrize("value,user,expected", [
-    (None, None, ("silu",)), ("0", None, None), ("silu", None, ("silu",)), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
+    (None, None, ("silu",)), ("auto", None, ("silu",)), ("0", None, None),
+    ("silu", None, ("silu",)), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
     ("norm, silu", None, ("silu", "norm")), ("1", "own", None)])
 def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value, user, expected):
     """Building a QQQ linear with VLLM_QQQ_FUSED_QUANT set puts the pass for the pairs it names
@@ -337,6 +338,26 @@ def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value
         assert isinstance(installed, QuantFusion) and installed.kinds == expected
     else:
         assert installed is None
+
+
+def test_auto_fuses_the_silu_pair_except_on_gpus_before_hopper(monkeypatch):
+    """Before sm_90, silu_mul_quant has no clusters: "auto" (the default) fuses nothing there;
+    a pair named explicitly is fused on any GPU."""
+    from vllm_qqq.config import fused_quant_kinds
+
+    monkeypatch.delenv("VLLM_QQQ_FUSED_QUANT", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, expected in [((8, 0), ()), ((8, 9), ()), ((9, 0), ("silu",)),
+                                 ((10, 0), ("silu",))]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: c)
+        assert fused_quant_kinds() == expected
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", "silu")
+    assert fused_quant_kinds() == ("silu",)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU: the reference ops
+    monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", "auto")
+    assert fused_quant_kinds() == ("silu",)
 
 
 def test_a_fused_quant_setting_it_does_not_know_is_an_error(monkeypatch):

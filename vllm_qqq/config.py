@@ -50,24 +50,29 @@ def enable_persistent_rows() -> None:
 
 def fused_quant_kinds() -> tuple[str, ...]:
     """The pairs VLLM_QQQ_FUSED_QUANT asks to fuse: "1" all of fusion.KINDS, "0" or "" none,
-    else a comma-separated subset of them."""
+    else a comma-separated subset of them. "auto": the SiLU pair, except on CUDA GPUs before
+    sm_90, where silu_mul_quant has no clusters and gives a decode row one CTA, as Inductor's
+    kernel does, only slower (8.0 against 4.7 us at M = 1 on the H100, row_quant_h100.log)."""
     from vllm_qqq.fusion import KINDS
 
     value = setting("VLLM_QQQ_FUSED_QUANT").strip()
+    if value == "auto":
+        pre_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0)
+        return () if pre_hopper else ("silu",)
     if value in ("", "0"):
         return ()
     if value == "1":
         return KINDS
     kinds = tuple(k.strip() for k in value.split(","))
     if not set(kinds) <= set(KINDS):
-        raise ValueError(f"VLLM_QQQ_FUSED_QUANT={value!r}: expected 0, 1 or a comma-separated "
-                         f"subset of {', '.join(KINDS)}")
+        raise ValueError(f"VLLM_QQQ_FUSED_QUANT={value!r}: expected auto, 0, 1 or a "
+                         f"comma-separated subset of {', '.join(KINDS)}")
     return kinds
 
 
 def enable_quant_fusion() -> None:
-    """Where VLLM_QQQ_FUSED_QUANT names pairs (by default "silu"), vLLM's compiled graphs get
-    vllm_qqq.fusion's pass as Inductor's post-grad custom pass, which vLLM runs after its own
+    """Where VLLM_QQQ_FUSED_QUANT names pairs (by default the SiLU pair), vLLM's compiled graphs
+    get vllm_qqq.fusion's pass as Inductor's post-grad custom pass, which vLLM runs after its own
     passes and keys its compile cache on (the pass's uuid). Left alone where the user set a
     post-grad pass of their own (Inductor takes one), and where no vLLM config is current (a
     layer built outside vLLM's model loading: no compiled graph to put it in)."""

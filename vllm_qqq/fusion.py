@@ -8,7 +8,8 @@ per-token quantization become one op of ours.
 Without it Inductor fuses each pair into one kernel of its own, which gives each row one CTA: at
 decode sizes a Llama-3-8B row then streams through a single SM. The SiLU kernel splits the rows
 of batches up to 64 over a cluster of SMs (csrc/silu_mul_quant.cu): 2.6 against 4.7 us at M = 1
-on the H100, and 339 against 326 tok/s end to end at batch 1, so it is on by default. The norm
+on the H100, and 339 against 326 tok/s end to end at batch 1, so it is on by default from sm_90
+(config.fused_quant_kinds). The norm
 kernel (csrc/add_rms_norm_quant.cu) was slower than Inductor's at every batch measured (2.9
 against 2.1 us at M = 1); it is there for VLLM_QQQ_FUSED_QUANT=1 or "silu,norm".
 
