@@ -114,8 +114,8 @@ def main():
                 b = outputs["persistent"][m]
                 codes = (q.int() - b[0].int()).abs().max().item()
                 scales = ((scale - b[1]).abs() / b[1].abs().clamp_min(1e-30)).max().item()
-                # The kernel's rule (clusters of 8 CTAs a row up to 16 rows), clusters at every
-                # M, one CTA a row at every M.
+                # The kernel's rule (SiLU: clusters of 8 CTAs a row up to 64 rows; the norm: one
+                # CTA a row), clusters at every M, one CTA a row at every M.
                 us = {}
                 for label, rows in (("rule", -1), ("clusters", 1 << 30), ("rows", 0)):
                     getattr(ops._C, setter)(rows)

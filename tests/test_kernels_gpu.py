@@ -111,11 +111,11 @@ def check_quant_kernel(x, product):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 # D: Llama-3-8B's 14336, Llama-2-7B's 11008, Qwen2.5-7B's 18944, the largest (32768), and one
-# 8-wide vector (7 of a cluster's 8 CTAs get nothing). M: clusters up to 16 rows, one CTA per row
+# 8-wide vector (7 of a cluster's 8 CTAs get nothing). M: clusters up to 64 rows, one CTA per row
 # above, rounding by the reciprocal's product from 1024 rows.
 @pytest.mark.parametrize("m,d", [(1, 14336), (2, 11008), (7, 18944), (16, 14336), (3, 32768),
-                                 (5, 8), (17, 14336), (64, 8), (300, 4096), (1024, 14336)])
-# The rule (clusters of 8 CTAs a row up to 16 rows), one CTA a row at every M, clusters at every M.
+                                 (5, 8), (65, 14336), (64, 8), (300, 4096), (1024, 14336)])
+# The rule (clusters of 8 CTAs a row up to 64 rows), one CTA a row at every M, clusters at every M.
 @pytest.mark.parametrize("cluster_rows", [-1, 0, 1 << 30], ids=["rule", "rows", "clusters"])
 def test_silu_mul_quant_kernel_bit_identical(m, d, dtype, cluster_rows):
     """qqq.silu_mul_quant against PyTorch's SiLU-and-mul on the GPU (vLLM's SiluAndMul in eager
