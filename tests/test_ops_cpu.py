@@ -306,21 +306,28 @@ def test_fusion_pass_replaces_silu_mul_and_its_quantization_only():
             torch.testing.assert_close(s, rs, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("value,user,expected", [
-    (None, None, ("silu",)), ("auto", None, ("silu",)), ("0", None, None),
-    ("silu", None, ("silu",)), ("1", None, ("silu", "norm")), ("norm", None, ("norm",)),
-    ("norm, silu", None, ("silu", "norm")), ("1", "own", None)])
-def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value, user, expected):
+# sm90: our kernels as on an H100 (the default fuses there), else as on this CPU machine.
+@pytest.mark.parametrize("value,user,sm90,expected", [
+    (None, None, True, ("silu",)), (None, None, False, None), ("0", None, True, None),
+    ("silu", None, False, ("silu",)), ("1", None, False, ("silu", "norm")),
+    ("norm", None, False, ("norm",)), ("norm, silu", None, False, ("silu", "norm")),
+    ("1", "own", False, None)])
+def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value, user, sm90,
+                                                              expected):
     """Building a QQQ linear with VLLM_QQQ_FUSED_QUANT set puts the pass for the pairs it names
     into vLLM's compile config (as Inductor's post-grad custom pass), unless the user has a
-    post-grad pass of their own; by default the SiLU pair only."""
+    post-grad pass of their own; by default the SiLU pair where our kernels run on sm_90+."""
     from vllm.compilation.passes.inductor_pass import CallableInductorPass
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase
 
+    from vllm_qqq import ops
     from vllm_qqq.config import QQQConfig
     from vllm_qqq.fusion import QuantFusion
 
+    if sm90:
+        monkeypatch.setattr(ops, "kernels_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.delenv("VLLM_QQQ_FUSED_QUANT", raising=False)
     if value is not None:
         monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", value)
@@ -340,23 +347,25 @@ def test_quantized_linears_install_the_fusion_pass_when_asked(monkeypatch, value
         assert installed is None
 
 
-def test_auto_fuses_the_silu_pair_except_on_gpus_before_hopper(monkeypatch):
-    """Before sm_90, silu_mul_quant has no clusters: "auto" (the default) fuses nothing there;
-    a pair named explicitly is fused on any GPU."""
+def test_auto_fuses_the_silu_pair_where_the_kernels_run_with_clusters(monkeypatch):
+    """"auto" (the default) fuses the SiLU pair where our kernels run on sm_90 or newer, and
+    nothing before sm_90 (no clusters there) or without the kernels (the CPU: eager PyTorch);
+    a pair named explicitly is fused anywhere."""
+    from vllm_qqq import ops
     from vllm_qqq.config import fused_quant_kinds
 
     monkeypatch.delenv("VLLM_QQQ_FUSED_QUANT", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fused_quant_kinds() == (("silu",) if ops.kernels_available()
+                                   and torch.cuda.get_device_capability() >= (9, 0) else ())
+    monkeypatch.setattr(ops, "kernels_available", lambda: True)
     for capability, expected in [((8, 0), ()), ((8, 9), ()), ((9, 0), ("silu",)),
                                  ((10, 0), ("silu",))]:
         monkeypatch.setattr(torch.cuda, "get_device_capability",
                             lambda device=None, c=capability: c)
         assert fused_quant_kinds() == expected
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(ops, "kernels_available", lambda: False)
+    assert fused_quant_kinds() == ()
     monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", "silu")
-    assert fused_quant_kinds() == ("silu",)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU: the reference ops
-    monkeypatch.setenv("VLLM_QQQ_FUSED_QUANT", "auto")
     assert fused_quant_kinds() == ("silu",)
 
 

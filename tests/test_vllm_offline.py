@@ -248,19 +248,19 @@ def test_lora_adapter_on_a_qqq_model(qqq_calibrated, tmp_path):
 
 
 def test_silu_mul_quant_fusion_in_vllm(qqq_checkpoints):
-    """By default (VLLM_QQQ_FUSED_QUANT=silu) vLLM's compiled graph gets the plugin's pass, which
-    replaces each layer's SiLU-and-mul + quantization by qqq.silu_mul_quant (on the CPU its
-    reference), and only that pair; with 0 the graph keeps Inductor's kernels. Generation stays
-    on the fake-quantized model's greedy path either way (fp16: the op takes fp16/bf16; its
-    SiLU-and-mul rounds to fp16 where Inductor's fused kernel may keep fp32, so a near-tie may
-    flip where the plain graph's did not)."""
+    """VLLM_QQQ_FUSED_QUANT=silu: vLLM's compiled graph gets the plugin's pass, which replaces
+    each layer's SiLU-and-mul + quantization by qqq.silu_mul_quant (on the CPU its reference),
+    and only that pair. By default ("auto") on the CPU there is no pass (it fuses only where our
+    kernels run on sm_90+). Generation stays on the fake-quantized model's greedy path either way
+    (fp16: the op takes fp16/bf16; its SiLU-and-mul rounds to fp16 where Inductor's fused kernel
+    may keep fp32, so a near-tie may flip where the plain graph's did not)."""
     ckpt = qqq_checkpoints[-1]
     layers = json.loads((ckpt / "config.json").read_text())["num_hidden_layers"]
     # In this process, so the job can read the pass's count; no compile caches, so it runs.
     inproc = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_DISABLE_COMPILE_CACHE": "1",
               "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
-    plain = generate(ckpt, "qqq", dtype="float16", env={**inproc, "VLLM_QQQ_FUSED_QUANT": "0"})
-    fused = generate(ckpt, "qqq", dtype="float16", env=inproc)
+    plain = generate(ckpt, "qqq", dtype="float16", env=inproc)
+    fused = generate(ckpt, "qqq", dtype="float16", env={**inproc, "VLLM_QQQ_FUSED_QUANT": "silu"})
     assert plain["fused"] is None
     assert fused["fused"] == {"silu": layers}
     for run in (plain, fused):

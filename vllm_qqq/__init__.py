@@ -10,7 +10,8 @@ import os
 # VLLM_QQQ_FUSED_QUANT="silu": SiLU-and-mul with the down projection's quantization in a kernel of
 # ours instead of Inductor's (fusion.py); "1" or "silu,norm" also add + RMSNorm with the next
 # linear's quantization (slower than Inductor's at every batch measured, so not by default), "0"
-# neither; "auto" (the default): "silu", but "0" on CUDA GPUs before sm_90 (config.py).
+# neither; "auto" (the default): "silu" where our kernels run on sm_90 or newer, else "0"
+# (config.py).
 ENVIRONMENT = {"VLLM_QQQ_COMPILED_QUANT": "1", "VLLM_QQQ_QUANT_PDL": "1",
                "VLLM_QQQ_INDUCTOR_PDL": "1", "VLLM_QQQ_PERSISTENT_ROWS": "1",
                "VLLM_QQQ_FUSED_QUANT": "auto"}

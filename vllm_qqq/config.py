@@ -50,15 +50,18 @@ def enable_persistent_rows() -> None:
 
 def fused_quant_kinds() -> tuple[str, ...]:
     """The pairs VLLM_QQQ_FUSED_QUANT asks to fuse: "1" all of fusion.KINDS, "0" or "" none,
-    else a comma-separated subset of them. "auto": the SiLU pair, except on CUDA GPUs before
-    sm_90, where silu_mul_quant has no clusters and gives a decode row one CTA, as Inductor's
-    kernel does, only slower (8.0 against 4.7 us at M = 1 on the H100, row_quant_h100.log)."""
+    else a comma-separated subset of them. "auto": the SiLU pair where our CUDA kernels run on
+    sm_90 or newer, else none: before sm_90 silu_mul_quant has no clusters and gives a decode
+    row one CTA, as Inductor's kernel does, only slower (8.0 against 4.7 us at M = 1 on the
+    H100, row_quant_h100.log); without the kernels (the CPU) the op is eager PyTorch, where
+    Inductor compiles the pair."""
+    from vllm_qqq import ops
     from vllm_qqq.fusion import KINDS
 
     value = setting("VLLM_QQQ_FUSED_QUANT").strip()
     if value == "auto":
-        pre_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0)
-        return () if pre_hopper else ("silu",)
+        clusters = ops.kernels_available() and torch.cuda.get_device_capability() >= (9, 0)
+        return ("silu",) if clusters else ()
     if value in ("", "0"):
         return ()
     if value == "1":
