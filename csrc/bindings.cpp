@@ -81,10 +81,10 @@ PYBIND11_MODULE(_C, m) {
         "(-1, default). The same codes either way.");
   m.def("set_silu_cluster_rows", &qqq::set_silu_cluster_rows, py::arg("rows"),
         "Tuning: silu_mul_quant splits each row over a cluster of 8 CTAs up to this many rows "
-        "(< 0: the default, 16; 0: never).");
+        "(< 0: the default, 64; 0: never).");
   m.def("set_norm_cluster_rows", &qqq::set_norm_cluster_rows, py::arg("rows"),
         "Tuning: add_rms_norm_quant splits each row over a cluster of 8 CTAs up to this many "
-        "rows (< 0: the default, 16; 0: never).");
+        "rows (< 0: the default, 0: never).");
   m.def("set_wgmma_min_m", &qqq::set_wgmma_min_m, py::arg("m"),
         "Tuning/tests: the smallest M the Hopper kernel takes (<= 0: the default).");
   m.def(

@@ -23,7 +23,7 @@ void quant_per_token(const void* x, int dtype, int m, int k, int8_t* q, float* s
 // as PyTorch rounds it (silu_mul_quant.cu). d % 8 == 0, d <= 32768.
 void silu_mul_quant(const void* x, int dtype, int m, int d, int8_t* q, float* scale,
                     cudaStream_t stream);
-// Tuning: silu_mul_quant splits rows over clusters of CTAs up to this many rows (< 0: 16).
+// Tuning: silu_mul_quant splits rows over clusters of CTAs up to this many rows (< 0: 64).
 void set_silu_cluster_rows(int rows);
 
 // For x, residual [m, h] and weight [h]: residual_out = x + residual and q, scale =
@@ -32,7 +32,7 @@ void set_silu_cluster_rows(int rows);
 void add_rms_norm_quant(const void* x, const void* residual, const void* weight, float eps,
                         int dtype, int m, int h, int8_t* q, float* scale, void* residual_out,
                         cudaStream_t stream);
-// Tuning: add_rms_norm_quant splits rows over clusters of CTAs up to this many rows (< 0: 16).
+// Tuning: add_rms_norm_quant splits rows over clusters of CTAs up to this many rows (< 0: 0).
 void set_norm_cluster_rows(int rows);
 
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8

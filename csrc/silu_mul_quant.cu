@@ -27,7 +27,7 @@ static int cluster_max_rows = kSiluClusterRowsDefault;
 void set_silu_cluster_rows(int rows) {
   cluster_max_rows = rows < 0 ? kSiluClusterRowsDefault : rows;
 }
-constexpr int kSiluMaxD = 32768;      // staging of one row's share: 64 KB of fp16/bf16 at most
+constexpr int kSiluMaxD = 32768;  // staging of one row's share: 64 KB of fp16/bf16 at most
 
 // h = silu(g) * u for one 16-byte vector each of gate and up values: PyTorch's silu (x / (1 +
 // exp(-x)) in fp32, IEEE division, rounded to T), then the product rounded to T (exact in fp32

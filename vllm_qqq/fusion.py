@@ -9,9 +9,9 @@ Without it Inductor fuses each pair into one kernel of its own, which gives each
 decode sizes a Llama-3-8B row then streams through a single SM. The SiLU kernel splits the rows
 of batches up to 64 over a cluster of SMs (csrc/silu_mul_quant.cu): 2.6 against 4.7 us at M = 1
 on the H100, and 339 against 326 tok/s end to end at batch 1, so it is on by default from sm_90
-(config.fused_quant_kinds). The norm
-kernel (csrc/add_rms_norm_quant.cu) was slower than Inductor's at every batch measured (2.9
-against 2.1 us at M = 1); it is there for VLLM_QQQ_FUSED_QUANT=1 or "silu,norm".
+(config.fused_quant_kinds). The norm kernel (csrc/add_rms_norm_quant.cu) was slower than
+Inductor's at every batch measured (2.9 against 2.1 us at M = 1); it is there for
+VLLM_QQQ_FUSED_QUANT=1 or "silu,norm".
 
 The pass runs where vLLM runs a user's post-grad pass (Inductor's `post_grad_custom_post_pass`,
 which vLLM's pass manager calls after its own passes, before it lowers its IR ops); the plugin
