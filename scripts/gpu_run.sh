@@ -89,7 +89,8 @@ run_step() {
       # PROFILE_FORMATS: formats, "+kernel-quant" after a QQQ one runs it with
       # VLLM_QQQ_COMPILED_QUANT=0 (the quantization kernel instead of PyTorch ops for Inductor),
       # "+fused" with VLLM_QQQ_FUSED_QUANT=1 (our norm / SiLU-and-mul + quantization kernels),
-      # "+unfused" with 0 (Inductor's kernels for both; the default fuses the SiLU pair).
+      # "+unfused" with 0 (Inductor's kernels for both); otherwise the default ("auto": the SiLU
+      # pair fused on sm_90+).
       runs=${PROFILE_FORMATS:-fp16 qqq_channel}
       formats=$(echo $runs | tr ' ' '\n' | sed 's/+.*//' | sort -u | paste -sd,)
       prepare "$formats"
@@ -98,7 +99,7 @@ run_step() {
         q=$([ $fmt = fp16 ] || echo "--quantization qqq")
         echo "##### $run" | tee -a "$out/profile.log"
         VLLM_QQQ_COMPILED_QUANT=$([ $run = $fmt+kernel-quant ] && echo 0 || echo 1) \
-          VLLM_QQQ_FUSED_QUANT=$(case $run in *+fused) echo 1;; *+unfused) echo 0;; *) echo silu;; esac) \
+          VLLM_QQQ_FUSED_QUANT=$(case $run in *+fused) echo 1;; *+unfused) echo 0;; *) echo auto;; esac) \
           python3 benchmarks/profile_decode.py /tmp/e2e/llama3-8b-shaped-$fmt $q \
           --batches "${PROFILE_BATCHES:-1,16}" --json "$out/profile_${run/+/-}.json" 2>&1 \
           | grep -E -A26 "^(prefill|host ops|decode step)" | tee -a "$out/profile.log"

@@ -187,7 +187,7 @@ def test_silu_mul_quant_in_a_graph_and_compiled():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 # H: Llama-3-8B's 4096, Qwen2.5-7B's 3584, Llama-2-13B's 5120, the largest (16384), one 8-wide
-# vector; M as for silu_mul_quant.
+# vector; M the same kinds of sizes (the rule: a CTA a row at every M).
 @pytest.mark.parametrize("m,h", [(1, 4096), (2, 3584), (7, 5120), (16, 4096), (3, 16384), (5, 8),
                                  (17, 4096), (64, 8), (300, 2048), (1024, 4096)])
 @pytest.mark.parametrize("cluster_rows", [-1, 0, 1 << 30], ids=["rule", "rows", "clusters"])
