@@ -60,6 +60,7 @@ def fused_quant_kinds() -> tuple[str, ...]:
 
     value = setting("VLLM_QQQ_FUSED_QUANT").strip()
     if value == "auto":
+        # sm_90+: where the kernel runs rows in clusters (rows_in_clusters, csrc/cluster.cuh).
         clusters = ops.kernels_available() and torch.cuda.get_device_capability() >= (9, 0)
         return ("silu",) if clusters else ()
     if value in ("", "0"):
