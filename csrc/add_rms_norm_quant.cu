@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
     amax = vector_absmax<T>(normalized_vector<T>(sums[2 * (i - begin)],
                                                  sums[2 * (i - begin) + 1], inv,
-                                                 weights[i - begin]),
+                                                 load_shared_vector(weights + (i - begin))),
                             amax);
   }
   amax = block_absmax(amax);
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kQuantThreads)
   uint2* qr = reinterpret_cast<uint2*>(q + row * h);
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
     const uint4 y = normalized_vector<T>(sums[2 * (i - begin)], sums[2 * (i - begin) + 1], inv,
-                                         weights[i - begin]);
+                                         load_shared_vector(weights + (i - begin)));
     qr[i] = quantize_vector<T, kProduct>(y, sc, r);
   }
 }

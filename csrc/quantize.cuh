@@ -54,6 +54,17 @@ __device__ __forceinline__ uint2 quantize_vector(const uint4& v, float s, float 
 // through T* views (silu_mul_vector, vector_absmax), nvcc split it into eight 2-byte loads
 // (seen in the PTX of silu_mul_quant.cu and add_rms_norm_quant.cu): 8x the load instructions.
 __device__ __forceinline__ uint4 load_vector(const uint4* p) { return __ldg(p); }
+// The same for a vector this thread staged in shared memory: split, its eight 2-byte loads at a
+// 16-byte stride also hit each bank four times a warp (32 wavefronts a warp's vectors, not 4).
+// The clobber keeps it after this thread's store of the vector.
+__device__ __forceinline__ uint4 load_shared_vector(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_addr(p))
+               : "memory");
+  return v;
+}
 
 // Rows are read in batches of kLoadBatch vectors per thread, every load of a batch in flight at
 // once: one memory round trip a batch where a plain loop had one a vector.

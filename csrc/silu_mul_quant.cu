@@ -95,7 +95,8 @@ __global__ void __launch_bounds__(kQuantThreads)
   if (begin == 0 && threadIdx.x == 0) scale[row] = s;
   uint2* qr = reinterpret_cast<uint2*>(q + row * d);
   for (int i = begin + threadIdx.x; i < end; i += kQuantThreads) {
-    qr[i] = quantize_vector<T, kProduct>(staged[i - begin], s, r);  // this thread's own vectors
+    // This thread's own vectors.
+    qr[i] = quantize_vector<T, kProduct>(load_shared_vector(staged + (i - begin)), s, r);
   }
 }
 
