@@ -146,6 +146,23 @@ def test_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match="a must be contiguous int8"):
         torch.ops.qqq.gemm(a.float(), s, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None,
                            torch.float16)
+    # The other checks: their messages are formatted only when they fail, so each one's is run.
+    good = dict(a=a, a_scale=s, b=t["qqq_b"], scale=t["qqq_scale"], group=t["qqq_group"],
+                workspace=ws, bias=None, out_dtype=torch.float16)
+    misaligned_scale = torch.empty(129)[1:]  # 4 bytes past a 16-byte boundary
+    misaligned_scale.copy_(t["qqq_scale"])
+    for bad, message in [
+            (dict(b=t["qqq_b"].float()), r"b must be int32 \[K/32, N/8, 32\]"),
+            (dict(a=torch.zeros(4, 160, dtype=torch.int8),
+                  b=torch.zeros(5, 16, 32, dtype=torch.int32)), "K % 128 == 0"),
+            (dict(a_scale=s[:2]), r"a_scale must be float32 \[M, 1\]"),
+            (dict(group=torch.ones(3, 128, dtype=torch.float16)),
+             r"group must be empty or float16 \[2, 128\], got torch.float16 \[3, 128\]"),
+            (dict(bias=torch.zeros(128, dtype=torch.bfloat16)), r"bias must be torch.float16"),
+            (dict(workspace=ws[:16]), "workspace must be int32 with >= "),
+            (dict(scale=misaligned_scale), "16-byte aligned")]:
+        with pytest.raises(ValueError, match=message):
+            torch.ops.qqq.gemm(**{**good, **bad})
 
 
 def test_workspace_size_agrees_with_the_kernels():

@@ -294,36 +294,41 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weig
 
 
 def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
+    # Every call runs this (the prefill's GEMMs run outside CUDA graphs, where host time counts):
+    # each message is a lambda, formatted only when its check fails.
     def need(ok, what):
         if not ok:
-            raise ValueError(f"qqq.gemm: {what}")
+            raise ValueError(f"qqq.gemm: {what()}")
 
     need(a.dtype == torch.int8 and a.dim() == 2 and a.is_contiguous(),
-         f"a must be contiguous int8 [M, K], got {a.dtype} {list(a.shape)}")
+         lambda: f"a must be contiguous int8 [M, K], got {a.dtype} {list(a.shape)}")
     need(b.dtype == torch.int32 and b.dim() == 3 and b.shape[2] == 32 and b.is_contiguous(),
-         f"b must be int32 [K/32, N/8, 32] (prepare_weight), got {b.dtype} {list(b.shape)}")
-    need(b.shape[0] * 32 == k, f"a has K={k} but b holds K={b.shape[0] * 32}")
+         lambda: f"b must be int32 [K/32, N/8, 32] (prepare_weight), got {b.dtype} "
+                 f"{list(b.shape)}")
+    need(b.shape[0] * 32 == k, lambda: f"a has K={k} but b holds K={b.shape[0] * 32}")
     need(k % KERNEL_BK == 0 and n % KERNEL_BN == 0,
-         f"the kernel needs K % {KERNEL_BK} == 0 and N % {KERNEL_BN} == 0, got K={k}, N={n}")
+         lambda: f"the kernel needs K % {KERNEL_BK} == 0 and N % {KERNEL_BN} == 0, got K={k}, "
+                 f"N={n}")
     need(a_scale.dtype == torch.float32 and a_scale.numel() == m and a_scale.is_contiguous(),
-         f"a_scale must be float32 [M, 1], got {a_scale.dtype} {list(a_scale.shape)}")
+         lambda: f"a_scale must be float32 [M, 1], got {a_scale.dtype} {list(a_scale.shape)}")
     need(scale.dtype == torch.float32 and scale.numel() == n and scale.is_contiguous(),
-         f"scale must be float32 [N={n}], got {scale.dtype} {list(scale.shape)}")
+         lambda: f"scale must be float32 [N={n}], got {scale.dtype} {list(scale.shape)}")
     need(group.numel() == 0 or (group.dtype == torch.float16 and group.is_contiguous()
                                 and tuple(group.shape) == (k // KERNEL_BK, n)),
-         f"group must be empty or float16 [{k // KERNEL_BK}, {n}], got {group.dtype} "
-         f"{list(group.shape)}")
+         lambda: f"group must be empty or float16 [{k // KERNEL_BK}, {n}], got {group.dtype} "
+                 f"{list(group.shape)}")
     need(bias is None or (bias.dtype == out_dtype and bias.numel() == n and bias.is_contiguous()),
-         f"bias must be {out_dtype} [{n}]")
-    need(out_dtype in _DTYPE_CODE, f"out_dtype must be float16 or bfloat16, got {out_dtype}")
+         lambda: f"bias must be {out_dtype} [{n}]")
+    need(out_dtype in _DTYPE_CODE,
+         lambda: f"out_dtype must be float16 or bfloat16, got {out_dtype}")
     need(workspace.dtype == torch.int32 and workspace.numel() >= workspace_size(n),
-         f"workspace must be int32 with >= {workspace_size(n)} entries (ops.workspace)")
+         lambda: f"workspace must be int32 with >= {workspace_size(n)} entries (ops.workspace)")
     tensors = [a, a_scale, b, scale, workspace] + ([group] if group.numel() else []) + (
         [bias] if bias is not None else [])
-    need(all(t.device == a.device for t in tensors), "all tensors must be on one device")
+    need(all(t.device == a.device for t in tensors), lambda: "all tensors must be on one device")
     # The kernels move a, b, scale, group, bias and the workspace in 16-byte pieces.
     need(all(t.data_ptr() % 16 == 0 for t in tensors if t is not a_scale),
-         "a, b, scale, group, bias and workspace must start 16-byte aligned")
+         lambda: "a, b, scale, group, bias and workspace must start 16-byte aligned")
 
 
 def compiled_quant() -> bool:
