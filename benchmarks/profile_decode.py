@@ -102,8 +102,10 @@ def main():
         # The prefill (run(1): `batch` x 1024 prompt tokens and one new token) runs outside CUDA
         # graphs beyond 256 tokens, so its host side may cost more than its kernels.
         prefill_us = sum(totals[0].values())
+        # Idle time between the prefill's kernels is time the GPU waited on the host.
         print(f"prefill + first token, batch {batch}: {prefill_us:.0f} us of GPU kernels, "
-              f"{walls[0] * 1e6:.0f} us wall clock", flush=True)
+              f"{walls[0] * 1e6:.0f} us wall clock; on the timeline {timelines[0][1]:.0f} us "
+              f"busy, {timelines[0][2]:.0f} us idle between kernels", flush=True)
         for name, us in sorted(totals[0].items(), key=lambda kv: -kv[1])[:8]:
             print(f"{us:9.1f} us {100 * us / prefill_us:5.1f}%  {name[:110]}", flush=True)
         print("host ops of the prefill (profiled), by total time: calls, total us, self us")
@@ -132,6 +134,8 @@ def main():
                                                              "exposed_and_gap": exposed},
                                     "prefill_wall_us": walls[0] * 1e6,
                                     "prefill_kernel_us": totals[0],
+                                    "prefill_timeline_us": {"busy": timelines[0][1],
+                                                            "idle": timelines[0][2]},
                                     "prefill_host_ops": host}
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
