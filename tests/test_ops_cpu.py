@@ -284,6 +284,8 @@ def test_silu_mul_quant_is_the_reference_and_checks_its_input(dtype):
     rq, rs = quantize_per_token(F.silu(x[:, :48]) * x[:, 48:])
     assert q.shape == (5, 48) and s.shape == (5, 1)
     assert torch.equal(q, rq) and torch.equal(s, rs)
+    # Its schema, fake implementation and tracing agree with what it computes.
+    torch.library.opcheck(torch.ops.qqq.silu_mul_quant.default, (x,))
     for bad in (x.float(), x[:, :40], x.reshape(5, 2, 48), x.t()):
         with pytest.raises(ValueError, match="silu_mul_quant"):
             torch.ops.qqq.silu_mul_quant(bad)
@@ -412,6 +414,7 @@ def test_add_rms_norm_quant_is_the_reference_and_checks_its_input(dtype):
         y, res_ref = vllm.ir.ops.fused_add_rms_norm(x, r, w, 1e-6)
     rq, rs = quantize_per_token(y)
     assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(res, res_ref)
+    torch.library.opcheck(torch.ops.qqq.add_rms_norm_quant.default, (x, r, w, 1e-6))
     for bad in [(x.float(), r, w), (x, r.float(), w), (x, r[:3], w), (x, r, w[:32]),
                 (x[:, :60], r[:, :60], w[:60]), (x.t(), r.t(), w[:6])]:
         with pytest.raises(ValueError, match="add_rms_norm_quant"):
