@@ -152,7 +152,9 @@ def test_bad_arguments_are_clear_errors():
     misaligned_scale = torch.empty(129)[1:]  # 4 bytes past a 16-byte boundary
     misaligned_scale.copy_(t["qqq_scale"])
     for bad, message in [
+            (dict(a=a.reshape(2, 2, 256)), r"a must be contiguous int8 \[M, K\]"),
             (dict(b=t["qqq_b"].float()), r"b must be int32 \[K/32, N/8, 32\]"),
+            (dict(b=t["qqq_b"].reshape(-1)), r"b must be int32 \[K/32, N/8, 32\]"),
             (dict(a=torch.zeros(4, 160, dtype=torch.int8),
                   b=torch.zeros(5, 16, 32, dtype=torch.int32)), "K % 128 == 0"),
             (dict(a_scale=s[:2]), r"a_scale must be float32 \[M, 1\]"),

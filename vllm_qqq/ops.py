@@ -307,9 +307,9 @@ def _(x, b, scale, group, workspace, bias):
 
 
 def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights):
+    _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype)
     m, k = a.shape
     n = b.shape[1] * 8
-    _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
     if a.device.type == "cpu":
         acc = int8_matmul(a, kernel_int8_weight(b, group))
         return scale_output(acc, a_scale, scale, bias, out_dtype)
@@ -322,19 +322,21 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weig
     return out
 
 
-def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
-    error = _gemm_args_error(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n)
+def _check_gemm_args(a, a_scale, b, scale, group, workspace, bias, out_dtype):
+    error = _gemm_args_error(a, a_scale, b, scale, group, workspace, bias, out_dtype)
     if error is not None:
         raise ValueError(f"qqq.gemm: {error}")
 
 
-def _gemm_args_error(a, a_scale, b, scale, group, workspace, bias, out_dtype, m, k, n):
+def _gemm_args_error(a, a_scale, b, scale, group, workspace, bias, out_dtype):
     # Every call runs this (the prefill's GEMMs run outside CUDA graphs, where host time counts):
     # plain conditions, each message formatted only where its condition fails.
     if not (a.dtype == torch.int8 and a.dim() == 2 and a.is_contiguous()):
         return f"a must be contiguous int8 [M, K], got {a.dtype} {list(a.shape)}"
     if not (b.dtype == torch.int32 and b.dim() == 3 and b.shape[2] == 32 and b.is_contiguous()):
         return f"b must be int32 [K/32, N/8, 32] (prepare_weight), got {b.dtype} {list(b.shape)}"
+    m, k = a.shape
+    n = b.shape[1] * 8
     if b.shape[0] * 32 != k:
         return f"a has K={k} but b holds K={b.shape[0] * 32}"
     if k % KERNEL_BK or n % KERNEL_BN:
