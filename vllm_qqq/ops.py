@@ -162,7 +162,8 @@ def _stream(t: torch.Tensor) -> int:
 # ops run outside CUDA graphs, where every call's host time counts, and custom_op's Python
 # wrappers (autograd, aliasing checks) made a call cost 7.9 us against 3.2 under inference_mode
 # on the 2-core CPU machine. On the H100 this (with _stream and the plain checks below) took a
-# batch-1 1024-token prefill's first token from 22.7 to 20.1 ms in vLLM (results/NOTES.md).
+# batch-1 1024-token prefill's first token from 22.7 to 20.1 ms in vLLM
+# (benchmarks/results/NOTES.md, "End to end").
 _LIBRARY = torch.library.Library("qqq", "DEF")
 
 
