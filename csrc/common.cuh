@@ -108,6 +108,15 @@ __device__ __forceinline__ void wait_for_prior_grid() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
+// A load of what the prior grid wrote, made after wait_for_prior_grid: ld.global.cg, never the
+// read-only path (ld.global.nc, which __ldg and const __restrict__ pointers get). A read-only load
+// declares its data constant for the kernel's lifetime, so ptxas may schedule it before
+// griddepcontrol.wait, and did: the narrow GEMM's token scale in some ring depths, read as 0 in a
+// CUDA graph (NOTES.md, "GEMM", thirty-third session). tests/test_pdl_loads.py checks the PTX.
+template <typename T>
+__device__ __forceinline__ T load_produced(const T* p) {
+  return __ldcg(p);
+}
 // A kernel may let the next one launch (griddepcontrol.launch_dependents) before its own wait
 // only when that next kernel is known to wait for it before reading anything written before: a
 // dependent such as Inductor's PDL kernels waits for the grid just before it alone and may read

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         const int row = m0 + wm * MT * 16 + i * 16 + lane / 4 + h * 8;
-        frag_ts[i][h] = row < m ? a_scale[row] : 0.f;
+        frag_ts[i][h] = row < m ? load_produced(a_scale + row) : 0.f;
       }
 #pragma unroll
     for (int j = 0; j < NT; j++) {
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int i = 0; i < kRowsPerThread; i++) {
       const int row = m0 + r0 + i * (kThreads / kQuads);
-      sum_ts[i] = row < m ? a_scale[row] : 0.f;
+      sum_ts[i] = row < m ? load_produced(a_scale + row) : 0.f;
     }
   };
   if (kOperandsFirst) load_sum_operands();

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     if (s < iters) load(s, false);
   }
   wait_for_prior_grid();
-  const float out_ts = out_row < m ? a_scale[out_row] : 0.f;
+  const float out_ts = out_row < m ? load_produced(a_scale + out_row) : 0.f;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (s < iters) load(s, true);

@@ -509,6 +509,30 @@ def test_chained_linears_in_a_graph_wait_for_each_other(m):
     """Linears fed by the one before, back to back in a CUDA graph, every kernel a programmatic
     launch (each GEMM starts while its quantization runs): each layer bit-identical to the
     reference on its input, every output poisoned before each replay."""
+    check_chain_in_a_graph(m)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+@pytest.mark.parametrize("channels", [32, 16])
+def test_narrow_ring_depths_in_a_graph_wait_for_the_quantization(channels, stages):
+    """Each narrow kernel (ring depth, channels per CTA) started early in a CUDA graph: its token
+    scales read only after the quantization wrote them. ptxas had moved that read above the PDL
+    wait in some of them (16 channels, 3 and 4 stages), and in a graph they read the previous
+    replay's scales."""
+    from vllm_qqq import _C
+    _C.set_narrow(1)
+    _C.set_narrow_stages(stages)
+    _C.set_narrow_channels(channels)
+    try:
+        for m in (1, 16):
+            check_chain_in_a_graph(m)
+    finally:
+        _C.set_narrow(-1)
+        _C.set_narrow_stages(0)
+        _C.set_narrow_channels(0)
+
+
+def check_chain_in_a_graph(m):
     k = 4096
     layers = chain_layers(k, 4)
     ws = ops.workspace("cuda", k)
