@@ -4,6 +4,8 @@ Bound asserted: none. The kernels do the reference's arithmetic step by step (IE
 round-half-even for the activations, exact int32 accumulation, the same three fp32 roundings in
 the epilogue, no contraction), so outputs must be bit-identical."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -365,14 +367,22 @@ def test_narrow_ring_depths_match_reference(channels, stages, g):
     """Each ring depth of the narrow kernel forced (the rule picks 3, 4 or 6 by shape; 2 is a
     tuning option), with 32 channels per CTA (the default) and 16: K shorter and longer than the
     ring, partial last stages."""
+    with forced_narrow_kernel(channels, stages):
+        for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("small_partial_n", 1),
+                         ("wide_partial_n", 9)):
+            check_gemm(shape, m, g)
+
+
+@contextlib.contextmanager
+def forced_narrow_kernel(channels, stages):
+    """M <= 16 on the narrow kernel with `channels` per CTA and a ring of `stages`, then the
+    rule's choices again."""
     from vllm_qqq import _C
     _C.set_narrow(1)
     _C.set_narrow_stages(stages)
     _C.set_narrow_channels(channels)
     try:
-        for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("small_partial_n", 1),
-                         ("wide_partial_n", 9)):
-            check_gemm(shape, m, g)
+        yield
     finally:
         _C.set_narrow(-1)
         _C.set_narrow_stages(0)
@@ -533,19 +543,11 @@ def test_narrow_ring_depths_in_a_graph_wait_for_the_quantization(channels, stage
     token-scale load above the PDL wait, an 8-row branch kernel read 0 in the second case; main's
     16-channel kernels with the same hoist passed the first case on the H100 (the race is
     timing-dependent: tests/test_pdl_loads.py is the check that always sees it)."""
-    from vllm_qqq import _C
-    _C.set_narrow(1)
-    _C.set_narrow_stages(stages)
-    _C.set_narrow_channels(channels)
-    try:
+    with forced_narrow_kernel(channels, stages):
         eager = norm_then_gemm(4096, 6144)[-1]
         for m in (1, 16):
             check_chain_in_a_graph(m)
             check_in_a_graph_as_eager(eager, m, 4096)
-    finally:
-        _C.set_narrow(-1)
-        _C.set_narrow_stages(0)
-        _C.set_narrow_channels(0)
 
 
 def check_chain_in_a_graph(m):
