@@ -108,14 +108,28 @@ __device__ __forceinline__ void wait_for_prior_grid() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
-// A load of what the prior grid wrote, made after wait_for_prior_grid: ld.global.cg, never the
-// read-only path (ld.global.nc, which __ldg and const __restrict__ pointers get). A read-only load
-// declares its data constant for the kernel's lifetime, so ptxas may schedule it before
-// griddepcontrol.wait, and did: the narrow GEMM's token scale in some ring depths, read as 0 in a
-// CUDA graph (NOTES.md, "GEMM", thirty-third session). tests/test_pdl_loads.py checks the PTX.
-template <typename T>
-__device__ __forceinline__ T load_produced(const T* p) {
-  return __ldcg(p);
+// Loads of what the prior grid wrote, made after wait_for_prior_grid: a plain weak ld.global, the
+// load CUDA's PDL model makes visible to the prior grid's writes after the wait. Never the
+// read-only path (ld.global.nc, which __ldg and const __restrict__ pointers get): it declares its
+// data constant for the kernel's lifetime, so ptxas may schedule it before griddepcontrol.wait,
+// and did (the narrow GEMM's token scale in some ring depths, read as 0 in a CUDA graph: NOTES.md,
+// "GEMM", thirty-third session). Not __ldcg or __ldca either: they compile to strong loads
+// (LDG.E.STRONG.GPU / .SM), and the narrow kernel's .cg token scale cost 0.35 us at qkv M = 16
+// (thirty-fourth session). Inline PTX, as NVVM makes any plain load of a const __restrict__
+// pointer .nc; the memory clobber keeps NVVM from moving it above the wait (a clobber-free asm is
+// a pure function to it). tests/test_pdl_loads.py checks the PTX.
+__device__ __forceinline__ float load_produced(const float* p) {
+  float v;
+  asm("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 load_produced(const uint4* p) {
+  uint4 v;
+  asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p)
+      : "memory");
+  return v;
 }
 // A kernel may let the next one launch (griddepcontrol.launch_dependents) before its own wait
 // only when that next kernel is known to wait for it before reading anything written before: a

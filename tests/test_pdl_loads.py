@@ -116,7 +116,7 @@ def test_the_check_sees_a_read_only_load():
 	mul.wide.s32 	%rd3, %r1, 4;
 	add.s64 	%rd4, %rd2, %rd3;
 	@%p1 ld.global.nc.f32 	%f1, [%rd4];
-	ld.global.cg.f32 	%f2, [%rd4];
+	ld.global.f32 	%f2, [%rd4];
 }
 """
     found, kernels = read_only_loads_of_produced_data(ptx)
