@@ -50,10 +50,10 @@ __device__ __forceinline__ uint2 quantize_vector(const uint4& v, float s, float 
   return make_uint2(packed[0], packed[1]);
 }
 
-// One 16-byte load of what the prior grid wrote that stays one load. Where a plain uint4 load is
-// only read through T* views (silu_mul_vector, vector_absmax), nvcc split it into eight 2-byte
-// loads (seen in the PTX of silu_mul_quant.cu and add_rms_norm_quant.cu): 8x the load
-// instructions. Not __ldg: see load_produced.
+// One 16-byte load that stays one load, of what the prior grid wrote (and the norm weight read
+// beside it). Where a plain uint4 load is only read through T* views (silu_mul_vector,
+// vector_absmax), nvcc split it into eight 2-byte loads (seen in the PTX of silu_mul_quant.cu and
+// add_rms_norm_quant.cu): 8x the load instructions. Not __ldg: see load_produced.
 __device__ __forceinline__ uint4 load_vector(const uint4* p) { return load_produced(p); }
 // The same for a vector this thread staged in shared memory: split, its eight 2-byte loads at a
 // 16-byte stride also hit each bank four times a warp (32 wavefronts a warp's vectors, not 4).

@@ -233,8 +233,8 @@ def test_add_rms_norm_quant_kernel_matches_vllms_norm(m, h, dtype, cluster_rows)
 
 
 def norm_then_gemm(h, n):
-    """qqq.add_rms_norm_quant feeding qqq.gemm (its GEMM launched early): the layer, the
-    workspace, the norm weight, the GEMM alone and the two ops together."""
+    """qqq.add_rms_norm_quant feeding qqq.gemm (its GEMM launched early): the norm weight, the
+    GEMM alone and the two ops together."""
     t = make_layer(h, n, -1, seed=3)
     ws = ops.workspace("cuda", n)
     w = (torch.rand(h, device="cuda") + 0.5).half()
@@ -247,7 +247,7 @@ def norm_then_gemm(h, n):
         a, a_scale, new_residual = torch.ops.qqq.add_rms_norm_quant(x, r, w, 1e-5)
         return gemm(a, a_scale), new_residual
 
-    return t, ws, w, gemm, eager
+    return w, gemm, eager
 
 
 def check_in_a_graph_as_eager(f, m, h):
@@ -275,7 +275,7 @@ def test_add_rms_norm_quant_in_a_graph_and_compiled():
 
     from vllm_qqq.fusion import QuantFusion
     h, n = 4096, 6144
-    t, ws, w, gemm, eager = norm_then_gemm(h, n)
+    w, gemm, eager = norm_then_gemm(h, n)
 
     def traced(x, r):
         y, new_residual = vllm.ir.ops.fused_add_rms_norm(x, r, w, 1e-5)
@@ -544,7 +544,7 @@ def test_narrow_ring_depths_in_a_graph_wait_for_the_quantization(channels, stage
     16-channel kernels with the same hoist passed the first case on the H100 (the race is
     timing-dependent: tests/test_pdl_loads.py is the check that always sees it)."""
     with forced_narrow_kernel(channels, stages):
-        eager = norm_then_gemm(4096, 6144)[-1]
+        _, _, eager = norm_then_gemm(4096, 6144)
         for m in (1, 16):
             check_chain_in_a_graph(m)
             check_in_a_graph_as_eager(eager, m, 4096)
