@@ -8,20 +8,28 @@ seqlen tokens, perplexity = exp(mean next-token negative log-likelihood over all
 
 import argparse
 import json
+import logging
 import math
 import time
 from pathlib import Path
 
 import torch
 
-from offline.calibration import eval_windows, read_text
+from offline.calibration import CalibrationError, eval_windows, read_text
+from offline.checkpoint import CheckpointError
+from vllm_qqq.format import FormatError
+
+log = logging.getLogger("qqq-eval")
 
 
 def load_model(model_dir: Path, dtype=torch.float32):
     """transformers model for a plain or a QQQ checkpoint directory."""
     from transformers import AutoModelForCausalLM
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a model directory")
+    config = json.loads(path.read_text())
     if config.get("quantization_config", {}).get("quant_method") == "qqq":
         from offline.fake_quant import load_fake_quant_model
         return load_fake_quant_model(model_dir, dtype, exact=False)
@@ -48,11 +56,18 @@ def main(argv=None) -> int:
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     parser.add_argument("--json", type=Path, help="append a result line (JSON) to this file")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    windows = eval_windows(tok, read_text(args.text), args.seqlen, args.max_windows)
+    try:
+        text = read_text(args.text)
+        model = load_model(args.model_dir)
+        tok = AutoTokenizer.from_pretrained(args.model_dir)
+        windows = eval_windows(tok, text, args.seqlen, args.max_windows)
+    except (CalibrationError, CheckpointError, FormatError) as e:
+        log.error("%s", e)
+        return 2
     start = time.time()
-    ppl = perplexity(load_model(args.model_dir), windows)
+    ppl = perplexity(model, windows)
     result = {"model_dir": str(args.model_dir), "ppl": ppl,
               "eval_tokens": int(windows.numel()), "seqlen": args.seqlen,
               "seconds": round(time.time() - start, 1)}

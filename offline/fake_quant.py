@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from offline.checkpoint import LINEAR_NAMES
+from offline.checkpoint import LINEAR_NAMES, CheckpointError
 from vllm_qqq.format import unpack
 from vllm_qqq.reference import quantize_per_token, w4a8_linear
 
@@ -83,8 +83,11 @@ def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exa
     for i, layer in enumerate(model.model.layers):
         for name in LINEAR_NAMES:
             p = f"model.layers.{i}.{name}"
-            w = unpack(tensors.pop(f"{p}.B"), tensors.pop(f"{p}.s_channel"),
-                       tensors.pop(f"{p}.s_group"), group_size)
+            names = [f"{p}.{t}" for t in ("B", "s_channel", "s_group")]
+            for n in names:
+                if n not in tensors:
+                    raise CheckpointError(f"QQQ checkpoint {qqq_dir} has no tensor {n}")
+            w = unpack(*(tensors.pop(n) for n in names), group_size)
             bias = tensors.pop(f"{p}.bias", None)
             parent, child = name.split(".")
             setattr(layer.get_submodule(parent), child,
@@ -96,8 +99,8 @@ def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exa
     missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias", "w_dq"))
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise CheckpointError(f"checkpoint {qqq_dir} does not fit the model: missing {missing}, "
+                              f"unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
