@@ -30,6 +30,9 @@ def read_text(path: Path) -> str:
 def calibration_samples(tokenizer, text: str, nsamples: int, seqlen: int,
                         seed: int = 0) -> torch.Tensor:
     """nsamples random windows of seqlen tokens (int64 [nsamples, seqlen]), fixed seed."""
+    if nsamples < 1 or seqlen < 1:
+        raise CalibrationError(f"calibration needs at least one window of at least one token, "
+                               f"got {nsamples} windows of {seqlen}")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() < seqlen + 1:
         raise CalibrationError(f"calibration text has {ids.numel()} tokens; at least "
@@ -42,6 +45,9 @@ def calibration_samples(tokenizer, text: str, nsamples: int, seqlen: int,
 def eval_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None
                  ) -> torch.Tensor:
     """The WikiText-2 protocol: the whole text tokenized, non-overlapping windows of seqlen."""
+    if seqlen < 2 or (max_windows is not None and max_windows < 1):
+        raise CalibrationError(f"evaluation needs windows of at least 2 tokens and at least one "
+                               f"window, got seqlen {seqlen}, max_windows {max_windows}")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     n = ids.numel() // seqlen
     if n == 0:

@@ -50,6 +50,9 @@ def test_refusals_name_the_problem(tiny_fp16, qqq_checkpoints, calib_text, tmp_p
     assert "nowhere has no config.json" in caplog.text
     assert main([str(tiny_fp16), "--text", str(calib_text), "--seqlen", "1000000"]) == 2
     assert "fewer than 1000000" in caplog.text
+    for bad in (["--seqlen", "1"], ["--max-windows", "0"]):
+        assert main([str(tiny_fp16), *text, *bad]) == 2
+    assert caplog.text.count("evaluation needs windows of at least 2 tokens") == 2
 
     def corrupt(name, change):
         bad = tmp_path / name

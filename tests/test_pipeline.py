@@ -111,7 +111,19 @@ def test_bad_calibration_text(tiny_fp16, tmp_path, caplog):
         quantize_model(tiny_fp16, tmp_path / "o3", calib=tmp_path / "nope.txt")
     assert main([str(tiny_fp16), str(tmp_path / "o4"), "--calib", str(short)]) == 2
     assert "tokens" in caplog.text
-    assert not any(p.name.startswith(("o1", "o2", "o3", "o4")) for p in tmp_path.iterdir())
+    for flag in ("--nsamples", "--seqlen"):
+        assert main([str(tiny_fp16), str(tmp_path / "o5"), "--calib", str(short), flag, "0"]) == 2
+    assert "at least one window of at least one token" in caplog.text
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal without a GPU")
+def test_cli_refuses_a_device_it_cannot_use(tiny_fp16, tmp_path, capsys):
+    for device, message in (("cuda", "no CUDA GPU is available"), ("gpu", "not a torch device")):
+        with pytest.raises(SystemExit) as stop:
+            main([str(tiny_fp16), str(tmp_path / "o"), "--device", device])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("n", [12, 256, 1000, 1536, 3584])
