@@ -56,6 +56,19 @@ def qqq_tensors(prefix: str, packed: dict[str, torch.Tensor], bias: torch.Tensor
     return tensors
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an existing out_dir, or one that cannot be written (found before quantizing, not
+    after): its parent directories are made and a temporary directory tried in them."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir} already exists; refusing to overwrite it")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=out_dir.parent))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out_dir}: {e}") from None
+
+
 def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: dict,
                      group_size: int, source_dir: Path, extra: dict | None = None) -> Path:
     """Write safetensors shards, config.json (with quantization_config) and the tokenizer files

@@ -25,8 +25,8 @@ import torch
 from tqdm import tqdm
 
 from offline.calibration import CalibrationError, calibration_samples, read_text
-from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_source_dtype, qqq_tensors,
-                                read_config, write_checkpoint)
+from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_out_dir, check_source_dtype,
+                                qqq_tensors, read_config, write_checkpoint)
 from offline.grid import rtn
 from offline.pipeline import quantize_layers
 from offline.rotate import ROTATIONS, rotate_ends, rotate_layer, rotations
@@ -79,8 +79,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
                                                 rotation)
     config = read_config(model_dir)
-    if Path(out_dir).exists():
-        raise CheckpointError(f"{out_dir} already exists; refusing to overwrite it")
+    check_out_dir(out_dir)
     calibrated = calib is not None and (smooth or gptq)
     if (smooth or gptq) and calib is None:
         log.warning("no calibration text (--calib): rounding to nearest, without smoothing or "

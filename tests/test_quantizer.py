@@ -122,6 +122,20 @@ def test_refusals(tiny_fp16, tmp_path):
         quantize_model(fp32, tmp_path / "o3")
 
 
+def test_unwritable_out_dir_is_refused_before_quantizing(tiny_fp16, tmp_path, monkeypatch):
+    def quantized(*args, **kwargs):
+        raise AssertionError("quantized before refusing the output directory")
+
+    monkeypatch.setattr("offline.quantize.rtn", quantized)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="cannot write"):
+        quantize_model(tiny_fp16, tmp_path / "file" / "out")
+    # A new directory's parents are made, and the probe leaves nothing behind.
+    monkeypatch.undo()
+    out = quantize_model(tiny_fp16, tmp_path / "a" / "b" / "out")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+
+
 def test_group_size_must_divide_k(tmp_path):
     from offline.tiny_model import make_tiny_llama
     model = make_tiny_llama(tmp_path / "odd", intermediate=320, layers=1)  # down_proj K = 320
