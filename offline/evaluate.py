@@ -66,6 +66,12 @@ def main(argv=None) -> int:
     except (CalibrationError, CheckpointError, FormatError) as e:
         log.error("%s", e)
         return 2
+    if args.json:  # found unwritable now, not after the evaluation
+        try:
+            open(args.json, "a").close()
+        except OSError as e:
+            log.error("cannot append to --json %s: %s", args.json, e)
+            return 2
     start = time.time()
     ppl = perplexity(model, windows)
     result = {"model_dir": str(args.model_dir), "ppl": ppl,

@@ -53,6 +53,8 @@ def test_refusals_name_the_problem(tiny_fp16, qqq_checkpoints, calib_text, tmp_p
     for bad in (["--seqlen", "1"], ["--max-windows", "0"]):
         assert main([str(tiny_fp16), *text, *bad]) == 2
     assert caplog.text.count("evaluation needs windows of at least 2 tokens") == 2
+    assert main([str(tiny_fp16), *text, "--json", str(tmp_path)]) == 2  # a directory
+    assert "cannot append to --json" in caplog.text
 
     def corrupt(name, change):
         bad = tmp_path / name
