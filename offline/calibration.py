@@ -10,6 +10,17 @@ class CalibrationError(ValueError):
     """Calibration text that cannot give the samples asked for."""
 
 
+def load_tokenizer(model_dir: Path):
+    """The model directory's tokenizer, or a CalibrationError saying it has none usable."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CalibrationError(f"{model_dir} has no tokenizer that loads (tokenizer.json, or "
+                               f"the files of a slow tokenizer): {reason}") from None
+
+
 def read_text(path: Path) -> str:
     """A text file, or every *.txt file of a directory in name order, concatenated."""
     path = Path(path)

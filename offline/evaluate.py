@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from offline.calibration import CalibrationError, eval_windows, read_text
+from offline.calibration import CalibrationError, eval_windows, load_tokenizer, read_text
 from offline.checkpoint import CheckpointError
 from vllm_qqq.format import FormatError
 
@@ -47,8 +47,6 @@ def perplexity(model, windows: torch.Tensor) -> float:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoTokenizer
-
     parser = argparse.ArgumentParser(prog="qqq-eval", description=__doc__.split("\n")[1])
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--text", type=Path, required=True, help="evaluation text file")
@@ -61,7 +59,7 @@ def main(argv=None) -> int:
     try:
         text = read_text(args.text)
         model = load_model(args.model_dir)
-        tok = AutoTokenizer.from_pretrained(args.model_dir)
+        tok = load_tokenizer(args.model_dir)
         windows = eval_windows(tok, text, args.seqlen, args.max_windows)
     except (CalibrationError, CheckpointError, FormatError) as e:
         log.error("%s", e)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from offline.calibration import CalibrationError, calibration_samples, read_text
+from offline.calibration import CalibrationError, calibration_samples, load_tokenizer, read_text
 from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_out_dir, check_source_dtype,
                                 qqq_tensors, read_config, write_checkpoint)
 from offline.grid import rtn
@@ -74,7 +74,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     """Quantize the model in model_dir to a QQQ checkpoint in out_dir. smooth, rotate and
     rotation left as None take default_pipeline's choice for the group size, as qqq-quantize
     does."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
                                                 rotation)
@@ -86,7 +86,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                     "GPTQ; expect lower accuracy")
     samples = None
     if calibrated:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         samples = calibration_samples(tokenizer, read_text(calib), nsamples, seqlen, seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     src_dtype = check_source_dtype(model)

@@ -55,6 +55,12 @@ def test_refusals_name_the_problem(tiny_fp16, qqq_checkpoints, calib_text, tmp_p
     assert caplog.text.count("evaluation needs windows of at least 2 tokens") == 2
     assert main([str(tiny_fp16), *text, "--json", str(tmp_path)]) == 2  # a directory
     assert "cannot append to --json" in caplog.text
+    bare = tmp_path / "bare"  # the model without its tokenizer files
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_fp16 / f, bare / f)
+    assert main([str(bare), *text]) == 2
+    assert "bare has no tokenizer that loads" in caplog.text
 
     def corrupt(name, change):
         bad = tmp_path / name

@@ -2,6 +2,7 @@
 its own calibration data, the pipeline writes a valid checkpoint, bad calibration text is refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -114,7 +115,14 @@ def test_bad_calibration_text(tiny_fp16, tmp_path, caplog):
     for flag in ("--nsamples", "--seqlen"):
         assert main([str(tiny_fp16), str(tmp_path / "o5"), "--calib", str(short), flag, "0"]) == 2
     assert "at least one window of at least one token" in caplog.text
-    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())
+    bare = tmp_path / "bare"  # the model without its tokenizer files
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_fp16 / f, bare / f)
+    with pytest.raises(CalibrationError, match="bare has no tokenizer that loads"):
+        quantize_model(bare, tmp_path / "o6", calib=short)
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5", "o6"))
+                   for p in tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the refusal without a GPU")
