@@ -22,14 +22,18 @@ from vllm_qqq.format import FormatError
 log = logging.getLogger("qqq-eval")
 
 
+def model_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a model directory")
+    return json.loads(path.read_text())
+
+
 def load_model(model_dir: Path, dtype=torch.float32):
     """transformers model for a plain or a QQQ checkpoint directory."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: not a model directory")
-    config = json.loads(path.read_text())
+    config = model_config(model_dir)
     if config.get("quantization_config", {}).get("quant_method") == "qqq":
         from offline.fake_quant import load_fake_quant_model
         return load_fake_quant_model(model_dir, dtype, exact=False)
@@ -57,10 +61,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
     try:
-        text = read_text(args.text)
-        model = load_model(args.model_dir)
-        tok = load_tokenizer(args.model_dir)
-        windows = eval_windows(tok, text, args.seqlen, args.max_windows)
+        model_config(args.model_dir)  # before the tokenizer: say what is wrong first
+        windows = eval_windows(load_tokenizer(args.model_dir), read_text(args.text), args.seqlen,
+                               args.max_windows)
+        model = load_model(args.model_dir)  # the slow part last
     except (CalibrationError, CheckpointError, FormatError) as e:
         log.error("%s", e)
         return 2
