@@ -25,11 +25,17 @@ class CheckpointError(ValueError):
     """A source model the quantizer cannot take."""
 
 
-def read_config(model_dir: Path) -> dict:
+def model_config(model_dir: Path) -> dict:
+    """config.json of a model directory, plain or QQQ."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    config = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json of a source model the quantizer takes."""
+    config = model_config(model_dir)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise CheckpointError(f"architecture {archs} is not supported; QQQ quantizes "
@@ -75,9 +81,7 @@ def write_checkpoint(out_dir: Path, tensors: dict[str, torch.Tensor], config: di
     into a temporary sibling directory, then rename it into place: an interrupted run leaves no
     directory at out_dir that looks like a finished checkpoint."""
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise CheckpointError(f"{out_dir} already exists; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         shards, current, size = [], {}, 0

@@ -16,17 +16,10 @@ from pathlib import Path
 import torch
 
 from offline.calibration import CalibrationError, eval_windows, load_tokenizer, read_text
-from offline.checkpoint import CheckpointError
+from offline.checkpoint import CheckpointError, model_config
 from vllm_qqq.format import FormatError
 
 log = logging.getLogger("qqq-eval")
-
-
-def model_config(model_dir: Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{model_dir} has no config.json: not a model directory")
-    return json.loads(path.read_text())
 
 
 def load_model(model_dir: Path, dtype=torch.float32):

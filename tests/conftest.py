@@ -51,6 +51,17 @@ def tiny_fp16(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-fp16")
 
 
+@pytest.fixture
+def tiny_without_tokenizer(tiny_fp16, tmp_path) -> Path:
+    """The tiny model's config and weights without its tokenizer files."""
+    import shutil
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_fp16 / name, bare / name)
+    return bare
+
+
 @pytest.fixture(scope="session")
 def calib_text(tmp_path_factory) -> Path:
     """Calibration text like the tiny tokenizer's corpus."""
