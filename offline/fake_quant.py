@@ -74,26 +74,35 @@ def load_fake_quant_model(qqq_dir: Path, dtype: torch.dtype = torch.float32, exa
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qqq_dir = Path(qqq_dir)
-    group_size = json.loads((qqq_dir / "config.json").read_text())["quantization_config"][
-        "group_size"]
+    quant = json.loads((qqq_dir / "config.json").read_text())["quantization_config"]
+    group_size = quant["group_size"]
     config = AutoConfig.from_pretrained(qqq_dir)
     del config.quantization_config
+    if quant.get("lm_head") and config.tie_word_embeddings:
+        raise CheckpointError(f"QQQ checkpoint {qqq_dir} quantizes the lm_head but ties it to the "
+                              f"embedding (tie_word_embeddings)")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _tensors(qqq_dir)
+
+    def quantized(prefix: str, k_shards: int = 1) -> W4A8Linear:
+        names = [f"{prefix}.{t}" for t in ("B", "s_channel", "s_group")]
+        for n in names:
+            if n not in tensors:
+                raise CheckpointError(f"QQQ checkpoint {qqq_dir} has no tensor {n}")
+        w = unpack(*(tensors.pop(n) for n in names), group_size)
+        bias = tensors.pop(f"{prefix}.bias", None)
+        return W4A8Linear(w.int8_weight(), w.channel, None if bias is None else bias.to(dtype),
+                          exact, k_shards)
+
     for i, layer in enumerate(model.model.layers):
         for name in LINEAR_NAMES:
-            p = f"model.layers.{i}.{name}"
-            names = [f"{p}.{t}" for t in ("B", "s_channel", "s_group")]
-            for n in names:
-                if n not in tensors:
-                    raise CheckpointError(f"QQQ checkpoint {qqq_dir} has no tensor {n}")
-            w = unpack(*(tensors.pop(n) for n in names), group_size)
-            bias = tensors.pop(f"{p}.bias", None)
             parent, child = name.split(".")
             setattr(layer.get_submodule(parent), child,
-                    W4A8Linear(w.int8_weight(), w.channel,
-                               None if bias is None else bias.to(dtype), exact,
-                               tensor_parallel if name in ROW_PARALLEL else 1))
+                    quantized(f"model.layers.{i}.{name}",
+                              tensor_parallel if name in ROW_PARALLEL else 1))
+    if quant.get("lm_head"):
+        # Column-parallel under tensor parallelism: every rank sees all of K, as here.
+        model.lm_head = quantized("lm_head")
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()},
                                                 strict=False)
     missing = [k for k in missing if not k.endswith(("w_int8", "channel", "bias", "w_dq"))

@@ -75,10 +75,12 @@ def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
 
 @torch.no_grad()
 def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
-                    device="cpu", clip: bool = False, prepare=None) -> dict[str, dict]:
+                    device="cpu", clip: bool = False, prepare=None,
+                    lm_head: bool = False) -> dict[str, dict]:
     """Quantize every decoder linear of `model` (smoothing is folded into norms and producers)
     and return each one's packed QQQ tensors (vllm_qqq.format.pack). clip: search each row's /
-    group's range (offline/grid.py) before GPTQ.
+    group's range (offline/grid.py) before GPTQ. lm_head: also the lm_head (key "lm_head"), with
+    GPTQ on the final norm's outputs, without smoothing.
     Bounded memory: the model stays in its dtype on the host; each layer works in fp32 on
     `device` while it is quantized, after prepare(layer) if given (the layer's rotation), and its
     linears' weights are released once the next layer's inputs are computed from their
@@ -120,4 +122,30 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
             layer.get_submodule(name).weight.data = torch.empty(0, dtype=layer_dtype)
         layer.to("cpu", layer_dtype)
         log.info("layer %d/%d done in %.1f s", i + 1, len(model.model.layers), time.time() - start)
+    if lm_head:
+        result["lm_head"] = _quantize_lm_head(model, inputs, group_size, use_gptq, device, clip)
     return result
+
+
+@torch.no_grad()
+def _quantize_lm_head(model, inputs, group_size: int, use_gptq: bool, device, clip: bool) -> dict:
+    """The lm_head's packed QQQ tensors; its inputs are the final norm of the last layer's
+    outputs (the quantized model's own), its weight is released once packed."""
+    start = time.time()
+    norm, head = model.model.norm, model.lm_head
+    norm_dtype, head_dtype = norm.weight.dtype, head.weight.dtype
+    norm.to(device, torch.float32)
+    w = head.weight.data.to(device, torch.float32)
+    grid = Grid(w, group_size, clip)
+    if use_gptq:
+        hessian = Hessian(w.shape[1], device)
+        for x in inputs:
+            hessian.add(norm(x))
+        codes = gptq(w, hessian.h, grid)
+    else:
+        codes = grid.codes(w, 0)
+    packed = pack(grid.to_weight(codes))
+    norm.to("cpu", norm_dtype)
+    head.weight.data = torch.empty(0, dtype=head_dtype)
+    log.info("lm_head done in %.1f s", time.time() - start)
+    return packed

@@ -29,21 +29,21 @@ from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_out_dir, ch
                                 qqq_tensors, read_config, write_checkpoint)
 from offline.grid import rtn
 from offline.pipeline import quantize_layers
-from offline.rotate import ROTATIONS, rotate_ends, rotate_layer, rotations
+from offline.rotate import ROTATIONS, rotate_ends, rotate_layer, rotations, untie_lm_head
 from vllm_qqq.format import FormatError, check_shape, pack
 
 log = logging.getLogger("qqq-quantize")
 
 
-def _check_linears(model, group_size: int) -> None:
-    for i, layer in enumerate(model.model.layers):
-        for name in LINEAR_NAMES:
-            lin = layer.get_submodule(name)
-            try:
-                check_shape(lin.in_features, lin.out_features, group_size)
-            except FormatError as e:
-                raise CheckpointError(f"model.layers.{i}.{name} ({lin.in_features} -> "
-                                      f"{lin.out_features}): {e}") from None
+def _check_linears(model, group_size: int, lm_head: bool) -> None:
+    linears = [(f"model.layers.{i}.{name}", layer.get_submodule(name))
+               for i, layer in enumerate(model.model.layers) for name in LINEAR_NAMES]
+    for prefix, lin in linears + ([("lm_head", model.lm_head)] if lm_head else []):
+        try:
+            check_shape(lin.in_features, lin.out_features, group_size)
+        except FormatError as e:
+            raise CheckpointError(f"{prefix} ({lin.in_features} -> {lin.out_features}): "
+                                  f"{e}") from None
 
 
 def default_pipeline(group_size: int, calibrated: bool, rotate: bool | None = None,
@@ -70,10 +70,11 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    calib: Path | None = None, smooth: bool | None = None, gptq: bool = True,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
                    seed: int = 0, rotate: bool | None = None, rotate_heads: bool = False,
-                   clip: bool = False, rotation: str | None = None) -> Path:
+                   clip: bool = False, rotation: str | None = None,
+                   lm_head: bool = False) -> Path:
     """Quantize the model in model_dir to a QQQ checkpoint in out_dir. smooth, rotate and
     rotation left as None take default_pipeline's choice for the group size, as qqq-quantize
-    does."""
+    does. lm_head: quantize the lm_head too (untied from the embedding)."""
     from transformers import AutoModelForCausalLM
 
     rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
@@ -90,7 +91,10 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
         samples = calibration_samples(tokenizer, read_text(calib), nsamples, seqlen, seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     src_dtype = check_source_dtype(model)
-    _check_linears(model, group_size)
+    _check_linears(model, group_size, lm_head)
+    if lm_head:
+        untie_lm_head(model)
+        config = dict(config, tie_word_embeddings=False)
     start = time.time()
     # The model stays in src_dtype: each decoder layer is rotated and quantized in fp32 in turn
     # (host memory ~2 bytes a parameter, not 4 + 2).
@@ -105,7 +109,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                           if on)
         log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
                  nsamples, seqlen, device)
-        weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip, prepare)
+        weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip, prepare,
+                                  lm_head)
     else:
         weights = {}
         # Rounding to nearest, one layer at a time on `device` (the CPU took ~70 s for a
@@ -119,6 +124,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                 weights[f"model.layers.{i}.{name}"] = pack(rtn(
                     layer.get_submodule(name).weight.data, group_size, clip))
             layer.to("cpu", src_dtype)
+        if lm_head:
+            weights["lm_head"] = pack(rtn(model.lm_head.weight.data.to(device), group_size, clip))
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
     for prefix, packed in weights.items():
         del state[f"{prefix}.weight"]
@@ -131,7 +138,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                                   "gptq": bool(calibrated and gptq), "rotate": rotate,
                                   "rotation": rotation if rotate else None,
                                   "rotate_heads": bool(rotate and rotate_heads),
-                                  "calibration": f"{nsamples} x {seqlen}" if calibrated else None})
+                                  "calibration": f"{nsamples} x {seqlen}" if calibrated else None,
+                                  **({"lm_head": True} if lm_head else {})})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
              time.time() - start, peak, out)
@@ -163,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", action="store_true",
                         help="search each row's (per-channel) or group's (g128) weight range for "
                              "the least rounding error instead of its absmax (off by default)")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="also quantize the lm_head (GPTQ on the final norm's outputs, no "
+                             "smoothing; untied from the embedding): faster decoding, some "
+                             "accuracy lost (off by default)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration windows (128)")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per window (2048)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, args.smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed,
-                       args.rotate, args.rotate_heads, args.clip, args.rotation)
+                       args.rotate, args.rotate_heads, args.clip, args.rotation,
+                       args.quantize_lm_head)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

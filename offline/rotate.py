@@ -120,15 +120,20 @@ def rotations(config, seed: int = 0, heads: bool = False, kind: str = "orthogona
     return q, r
 
 
+def untie_lm_head(model) -> None:
+    """Give the lm_head a weight of its own where it shares the embedding's."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
 @torch.no_grad()
 def rotate_ends(model, q: torch.Tensor) -> None:
     """The parts of the rotation outside the decoder layers: the embedding (it writes the residual
     stream) and the lm_head, which takes the final norm's weight and reads the stream. A tie
     between the two is broken first. Each tensor is rounded to its dtype once."""
     inner = model.model
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.lm_head.weight = torch.nn.Parameter(inner.embed_tokens.weight.detach().clone())
-        model.config.tie_word_embeddings = False
+    untie_lm_head(model)
     emb, head = inner.embed_tokens.weight, model.lm_head.weight
     emb.copy_((emb.double() @ q).to(emb.dtype))
     head.copy_(((head.double() * inner.norm.weight.double()[None, :]) @ q).to(head.dtype))

@@ -96,6 +96,15 @@ def qqq_rotated(tiny_fp16, calib_text, tmp_path_factory) -> Path:
     return quantize_model(tiny_fp16, root / "ch", -1, calib=calib_text, nsamples=8, seqlen=64)
 
 
+@pytest.fixture(scope="session")
+def qqq_lm_head(tiny_fp16, calib_text, tmp_path_factory) -> Path:
+    """qqq-quantize's g128 pipeline (rotation + GPTQ) with the lm_head quantized too."""
+    from offline.quantize import quantize_model
+    root = tmp_path_factory.mktemp("qqq-lm-head")
+    return quantize_model(tiny_fp16, root / "g128", 128, calib=calib_text, nsamples=8, seqlen=64,
+                          lm_head=True)
+
+
 def run_vllm(script: str, *args: str, timeout: float = 600,
              env: dict | None = None) -> subprocess.CompletedProcess:
     """Run tests/vllm_jobs.py SCRIPT ARGS in a fresh interpreter (vLLM starts engine processes;

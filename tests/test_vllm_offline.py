@@ -171,6 +171,30 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
 
 
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_quantized_lm_head_matches_fake_quant(qqq_lm_head, tensor_parallel):
+    """A checkpoint whose lm_head is a QQQ linear too (qqq-quantize --quantize-lm-head): vLLM
+    loads it into its ParallelLMHead (the vocabulary split over the ranks at tensor_parallel=2)
+    and its greedy tokens are the argmax of the fake-quant model with the same W4A8 lm_head. The
+    checkpoint holds no FP16 lm_head to fall back on; the second rank loading the first rank's
+    vocabulary columns failed this test."""
+    config = json.loads((qqq_lm_head / "config.json").read_text())
+    assert config["quantization_config"]["lm_head"] is True
+    assert config["tie_word_embeddings"] is False
+    tensors = load_file(str(qqq_lm_head / "model.safetensors"))
+    assert "lm_head.weight" not in tensors and tensors["lm_head.B"].shape[1] == 2 * 512
+    env = None
+    if tensor_parallel > 1:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            pytest.skip("two tensor-parallel CPU workers need two CPUs")
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    result = generate(qqq_lm_head, "auto", tensor_parallel, env=env)
+    assert result["quantization"] == "qqq"
+    ties = check_greedy(qqq_lm_head, result["tokens"])
+    assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
+
+
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
 def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
     """The other architectures qqq-quantize takes, through qqq-quantize's calibrated pipeline of

@@ -7,6 +7,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from vllm_qqq import setting
 from vllm_qqq.format import GROUP_SIZES, FormatError
@@ -102,10 +103,13 @@ def enable_quant_fusion() -> None:
 
 
 class QQQConfig(QuantizationConfig):
-    """config.json: {"quant_method": "qqq", "wbits": 4, "group_size": -1 | 128}."""
+    """config.json: {"quant_method": "qqq", "wbits": 4, "group_size": -1 | 128[, "lm_head": true]}.
+    lm_head: the checkpoint's lm_head is a QQQ linear too (qqq-quantize --quantize-lm-head)."""
 
-    def __init__(self, weight_bits: int = 4, group_size: int = -1) -> None:
+    def __init__(self, weight_bits: int = 4, group_size: int = -1,
+                 lm_head_quantized: bool = False) -> None:
         super().__init__()
+        self.lm_head_quantized = lm_head_quantized
         if weight_bits != 4:
             raise FormatError(f"QQQ supports wbits=4 only, the checkpoint says wbits={weight_bits}")
         if group_size not in GROUP_SIZES:
@@ -115,7 +119,8 @@ class QQQConfig(QuantizationConfig):
         self.group_size = group_size
 
     def __repr__(self) -> str:
-        return f"QQQConfig(weight_bits={self.weight_bits}, group_size={self.group_size})"
+        return (f"QQQConfig(weight_bits={self.weight_bits}, group_size={self.group_size}, "
+                f"lm_head_quantized={self.lm_head_quantized})")
 
     def get_name(self) -> str:
         return "qqq"
@@ -140,11 +145,17 @@ class QQQConfig(QuantizationConfig):
         group_size = cls.get_from_keys_or(config, ["group_size"], None)
         if group_size is None:
             raise FormatError("QQQ quantization_config has no 'group_size'")
-        return cls(int(bits), int(group_size))
+        lm_head = cls.get_from_keys_or(config, ["lm_head"], False)
+        if not isinstance(lm_head, bool):
+            raise FormatError(f"QQQ quantization_config's 'lm_head' must be true or false, "
+                              f"got {lm_head!r}")
+        return cls(int(bits), int(group_size), lm_head)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-        # Only linear layers are quantized; embeddings and lm_head stay in the model dtype.
-        if isinstance(layer, LinearBase):
+        # The linear layers are quantized, the lm_head where the checkpoint says so; the
+        # embedding stays in the model dtype.
+        if isinstance(layer, LinearBase) or (self.lm_head_quantized
+                                             and isinstance(layer, ParallelLMHead)):
             from vllm_qqq.linear_method import QQQLinearMethod
             # Here: in the process that builds and compiles the model.
             enable_inductor_pdl()

@@ -11,6 +11,7 @@ from torch.nn import Parameter
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import (LinearMethodBase,
                                                register_weight_loader_v2_supported_method)
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.parameter import (BasevLLMParameter, ChannelQuantScaleParameter,
                                            GroupQuantScaleParameter, PackedvLLMParameter)
 
@@ -25,12 +26,35 @@ _announced = set()
 _MAX_GROUP_SCALE = 127.5 / 7
 
 
+def _vocab_shard_loader(layer):
+    """The lm_head's loader (vLLM's embedding loader copies along dim 0; ours are sharded along
+    N, dim 1): this rank's vocabulary columns, B at 2 words per column; padding columns past the
+    vocabulary get zero codes and unit scales (vLLM drops their logits)."""
+
+    def load(param, loaded_weight: torch.Tensor):
+        if param.dim() == 1:  # per-channel s_group: empty
+            param.data.copy_(loaded_weight)
+            return
+        per_column = param.shape[1] // layer.num_embeddings_per_partition
+        start = layer.shard_indices.org_vocab_start_index
+        end = layer.shard_indices.org_vocab_end_index
+        if (loaded_weight.dim() != 2 or loaded_weight.shape[0] != param.shape[0]
+                or loaded_weight.shape[1] != layer.org_vocab_size * per_column):
+            raise RuntimeError(f"expected [{param.shape[0]}, {layer.org_vocab_size * per_column}]"
+                               f" for a vocabulary of {layer.org_vocab_size}")
+        part = loaded_weight[:, start * per_column:end * per_column]
+        param.data[:, :part.shape[1]].copy_(part)
+        param.data[:, part.shape[1]:].fill_(0 if param.dtype == torch.int32 else 1)
+
+    return load
+
+
 def _checked_loader(layer, name: str, dtype: torch.dtype, loader):
     """Wraps vLLM's loader: a wrong dtype or shape becomes an error naming the tensor, and each
     load is recorded so that missing shards are caught after loading."""
 
     def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
-        where = f"'{layer.prefix}.{name}'"
+        where = f"'{layer.qqq_prefix}.{name}'"
         if loaded_weight.dtype != dtype:
             raise FormatError(f"QQQ tensor {where} must be {dtype}, the checkpoint has "
                               f"{loaded_weight.dtype} {list(loaded_weight.shape)}")
@@ -57,6 +81,8 @@ class QQQLinearMethod(LinearMethodBase):
                        params_dtype: torch.dtype, **extra_weight_attrs):
         group_size = self.quant_config.group_size
         k, n = input_size_per_partition, sum(output_partition_sizes)
+        lm_head = isinstance(layer, ParallelLMHead)
+        layer.qqq_prefix = getattr(layer, "prefix", None) or ("lm_head" if lm_head else "?")
         try:
             check_shape(k, n, group_size)
             for part in output_partition_sizes:
@@ -64,9 +90,9 @@ class QQQLinearMethod(LinearMethodBase):
                     raise FormatError(f"every fused output part must be a multiple of {N_BLOCK}, "
                                       f"got parts {output_partition_sizes}")
         except FormatError as e:
-            raise FormatError(f"layer '{layer.prefix}' ({input_size}x{output_size}, this rank "
+            raise FormatError(f"layer '{layer.qqq_prefix}' ({input_size}x{output_size}, this rank "
                               f"{k}x{n}) cannot use QQQ: {e}") from None
-        loader = extra_weight_attrs["weight_loader"]
+        loader = _vocab_shard_loader(layer) if lm_head else extra_weight_attrs["weight_loader"]
 
         def declare(name, cls, data, **kw):
             param = cls(data=data, weight_loader=_checked_loader(layer, name, data.dtype, loader),
@@ -95,21 +121,21 @@ class QQQLinearMethod(LinearMethodBase):
                          else list(range(layer.qqq_parts)))
                 missing = [p for p in parts if p not in seen]
                 raise FormatError(f"QQQ checkpoint is missing '{name}' of part(s) {missing} of "
-                                  f"layer '{layer.prefix}'")
+                                  f"layer '{layer.qqq_prefix}'")
         w = unpack(layer.B.data, layer.s_channel.data, layer.s_group.data, group_size)
         if not torch.isfinite(w.channel).all() or (w.channel <= 0).any():
-            raise FormatError(f"layer '{layer.prefix}': s_channel must be finite and positive "
-                              f"(corrupt checkpoint?)")
+            raise FormatError(f"layer '{layer.qqq_prefix}': s_channel must be finite and "
+                              f"positive (corrupt checkpoint?)")
         if w.group is not None:
             g = w.group.float()
             if not torch.isfinite(g).all() or (g <= 0).any() or (g > _MAX_GROUP_SCALE).any():
-                raise FormatError(f"layer '{layer.prefix}': s_group must be finite, positive and "
-                                  f"at most {_MAX_GROUP_SCALE:.3f} (corrupt checkpoint?)")
+                raise FormatError(f"layer '{layer.qqq_prefix}': s_group must be finite, positive "
+                                  f"and at most {_MAX_GROUP_SCALE:.3f} (corrupt checkpoint?)")
             # (code - 8) * s_group must round into int8 (docs/FORMAT.md, 'Weight value').
             w8 = w.group_products()
             if w8.min() < -128 or w8.max() > 127:
-                raise FormatError(f"layer '{layer.prefix}': (code - 8) * s_group leaves the int8 "
-                                  f"range (corrupt checkpoint?)")
+                raise FormatError(f"layer '{layer.qqq_prefix}': (code - 8) * s_group leaves the "
+                                  f"int8 range (corrupt checkpoint?)")
         for name in ("B", "s_channel", "s_group"):
             delattr(layer, name)
 
@@ -133,6 +159,12 @@ class QQQLinearMethod(LinearMethodBase):
         if path not in _announced:
             _announced.add(path)
             logger.info("QQQ (group_size %d) linear layers run %s", group_size, path)
+
+    def tie_weights(self, lm_head: torch.nn.Module, embed_tokens: torch.nn.Module):
+        # vLLM ties the lm_head to the embedding where config.json says tie_word_embeddings.
+        raise FormatError("this QQQ checkpoint quantizes the lm_head, which then cannot share "
+                          "the embedding's weights: its config.json must say "
+                          "\"tie_word_embeddings\": false")
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
