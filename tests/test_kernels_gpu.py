@@ -432,6 +432,17 @@ def check_layer(t, m, k, n, g):
         assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("g", [-1, 128])
+def test_lm_head_shape(g):
+    """A Llama-3 lm_head as a QQQ linear (qqq-quantize --quantize-lm-head): K = 4096 and N =
+    128256, the largest N the kernels get (its workspace, 64 partial rows x N), at decode and
+    prefill sizes, against the reference."""
+    k, n = 4096, 128256
+    t = make_layer(k, n, g, seed=n + g)
+    for m in (1, 16, 64, 257, 1024):
+        check_layer(t, m, k, n, g)
+
+
 def edge_group_layer(k, n, seed):
     """A g128 layer whose products (code - 8) * s_group reach the ends of int8: group scales up
     to the loader's limit (127.5 / 7), code 0 (-8 * s) only where s <= 16.0625 (-8 * 16.0625 =

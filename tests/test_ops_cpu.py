@@ -401,6 +401,24 @@ def test_a_fused_quant_setting_it_does_not_know_is_an_error(monkeypatch):
         QQQConfig().get_quant_method(LinearBase.__new__(LinearBase), "x")
 
 
+def test_lm_head_setting_of_the_checkpoint():
+    """quantization_config's lm_head: absent or false leaves vLLM's lm_head unquantized (its
+    quant method None), true gives it QQQ's; anything else is refused, not read as true."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from vllm_qqq.config import QQQConfig
+    from vllm_qqq.format import FormatError
+    from vllm_qqq.linear_method import QQQLinearMethod
+
+    head = ParallelLMHead.__new__(ParallelLMHead)
+    base = {"quant_method": "qqq", "wbits": 4, "group_size": 128}
+    for extra, quantized in (({}, False), ({"lm_head": False}, False), ({"lm_head": True}, True)):
+        method = QQQConfig.from_config({**base, **extra}).get_quant_method(head, "lm_head")
+        assert isinstance(method, QQQLinearMethod) if quantized else method is None
+    with pytest.raises(FormatError, match="'lm_head' must be true or false"):
+        QQQConfig.from_config({**base, "lm_head": "yes"})
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_add_rms_norm_quant_is_the_reference_and_checks_its_input(dtype):
     """qqq.add_rms_norm_quant on the CPU: vLLM's fused add + RMSNorm (its IR op's PyTorch

@@ -2,6 +2,7 @@
 its own calibration data, the pipeline writes a valid checkpoint, bad calibration text is refused."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -300,3 +301,37 @@ def test_rtn_on_the_gpu_writes_the_cpu_checkpoint(tiny_fp16, tmp_path, group_siz
     assert tensors["cpu"].keys() == tensors["cuda"].keys()
     for name, t in tensors["cpu"].items():
         assert torch.equal(t, tensors["cuda"][name]), name
+
+
+def test_lm_head_quantized_from_a_tied_model(tiny_fp16, tmp_path):
+    """--quantize-lm-head on a model whose lm_head shares the embedding (RTN): the checkpoint
+    keeps the embedding as it was, its lm_head tensors are the QQQ rounding of that same matrix,
+    and config.json unties the two and records the lm_head."""
+    from offline.grid import rtn
+    from vllm_qqq.format import pack
+    src = tmp_path / "tied"
+    shutil.copytree(tiny_fp16, src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    ckpt = quantize_model(src, tmp_path / "qqq", -1, lm_head=True)
+    emb = load_file(str(src / "model.safetensors"))["model.embed_tokens.weight"]
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    assert torch.equal(tensors["model.embed_tokens.weight"], emb)
+    assert "lm_head.weight" not in tensors
+    for name, t in pack(rtn(emb, -1)).items():
+        assert torch.equal(tensors[f"lm_head.{name}"], t), name
+    out = json.loads((ckpt / "config.json").read_text())
+    assert out["tie_word_embeddings"] is False and out["quantization_config"]["lm_head"] is True
+
+
+def test_lm_head_off_the_format_is_refused(tiny_fp16, tmp_path, caplog):
+    """A vocabulary that is no multiple of 64 cannot be a QQQ lm_head: qqq-quantize says so
+    before quantizing (status 2, no output directory); without the flag the model quantizes."""
+    src = tmp_path / "vocab520"
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp16)
+    model.resize_token_embeddings(520, mean_resizing=False)
+    model.save_pretrained(src)
+    assert main([str(src), str(tmp_path / "out"), "--quantize-lm-head"]) == 2
+    assert "lm_head (256 -> 520): QQQ needs output features N divisible by 64" in caplog.text
+    assert not (tmp_path / "out").exists()
+    assert main([str(src), str(tmp_path / "plain")]) == 0

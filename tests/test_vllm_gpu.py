@@ -8,9 +8,11 @@ from test_vllm_offline import PROMPTS, check_greedy, generate, lora_adapter
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm]
 
 
-@pytest.mark.parametrize("kind", ["rtn_channel", "qqq_g128"])
-def test_kernels_generate_like_the_reference(qqq_checkpoints, qqq_calibrated, kind):
-    ckpt = qqq_checkpoints[-1] if kind == "rtn_channel" else qqq_calibrated
+@pytest.mark.parametrize("kind", ["rtn_channel", "qqq_g128", "lm_head"])
+def test_kernels_generate_like_the_reference(qqq_checkpoints, qqq_calibrated, qqq_lm_head, kind):
+    """lm_head: the checkpoint whose lm_head is quantized too, its logits from our kernels."""
+    ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated,
+            "lm_head": qqq_lm_head}[kind]
     result = generate(ckpt, "qqq", dtype="float16")
     assert "linear layers run the QQQ CUDA kernels" in result["log"]
     assert "run the PyTorch reference" not in result["log"]

@@ -195,6 +195,21 @@ def test_quantized_lm_head_matches_fake_quant(qqq_lm_head, tensor_parallel):
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
 
 
+@pytest.mark.parametrize("case,edits,message", [
+    ("tied", dict(edit_config=lambda c: c.update(tie_word_embeddings=True)),
+     '"tie_word_embeddings": false'),
+    ("missing_B", dict(edit_tensors=lambda t: t.pop("lm_head.B")),
+     "missing 'B' of part(s) [0] of layer 'lm_head'"),
+])
+def test_bad_lm_head_checkpoint_is_a_clear_error(qqq_lm_head, tmp_path, case, edits, message):
+    """A quantized lm_head that config.json ties to the embedding, or whose B is missing."""
+    model = broken_copy(qqq_lm_head, tmp_path / case, **edits)
+    proc = run_vllm("load", str(model), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "LOADED" not in proc.stdout, out[-3000:]
+    assert message in out, out[-5000:]
+
+
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
 def test_other_architectures_match_fake_quant(tmp_path, calib_text, arch, group_size):
     """The other architectures qqq-quantize takes, through qqq-quantize's calibrated pipeline of
