@@ -5,6 +5,7 @@ per-token activations) and its W4A16 path (GPTQ 4-bit g128, run by Marlin), with
 (torch.compile + CUDA graphs), side by side in one run.
 
     python benchmarks/bench_e2e.py --workdir /tmp/e2e [--layers 32] [--formats fp16,w8a8,w4a16,qqq_channel,qqq_g128]
+    (also qqq_channel_lm_head, qqq_g128_lm_head: the lm_head quantized too)
 
 (a) offline throughput, input 1024 / output 128 tokens, batches 1, 16, 64, 256;
 (b) decode latency per token at batch 1 and 16: (time for 128 new tokens - time for 1) / 127,
@@ -62,11 +63,14 @@ def make_models(workdir: Path, layers: int, formats: list[str]) -> dict[str, Pat
         torch.cuda.empty_cache()
         print(f"fp16 model written in {time.perf_counter() - started:.0f} s", flush=True)
     out = {"fp16": fp16}
-    for name, g in (("qqq_channel", -1), ("qqq_g128", 128)):
+    # *_lm_head: the lm_head quantized too (qqq-quantize --quantize-lm-head)
+    for name, g in (("qqq_channel", -1), ("qqq_g128", 128), ("qqq_channel_lm_head", -1),
+                    ("qqq_g128_lm_head", 128)):
         path = workdir / f"llama3-8b-shaped-{name}"
         if name in formats and not path.exists():
             started = time.perf_counter()
-            quantize_model(fp16, path, g, calib=None, device="cuda")
+            quantize_model(fp16, path, g, calib=None, device="cuda",
+                           lm_head=name.endswith("_lm_head"))
             print(f"{name} quantized in {time.perf_counter() - started:.0f} s", flush=True)
         out[name] = path
     for name, convert in (("w8a8", _w8a8_tensors), ("w4a16", _w4a16_tensors)):
