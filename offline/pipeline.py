@@ -16,6 +16,7 @@ from vllm_qqq.format import pack
 
 log = logging.getLogger("qqq-quantize")
 SMOOTH_ROWS = 2048  # calibration tokens the smoothing search uses per pair
+LM_HEAD_ROWS = 16384  # lm_head rows quantized at a time (a multiple of 64): bounds host memory
 
 
 class _Stop(Exception):
@@ -123,29 +124,37 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
         layer.to("cpu", layer_dtype)
         log.info("layer %d/%d done in %.1f s", i + 1, len(model.model.layers), time.time() - start)
     if lm_head:
-        result["lm_head"] = _quantize_lm_head(model, inputs, group_size, use_gptq, device, clip)
+        result["lm_head"] = quantize_lm_head(model, inputs, group_size, use_gptq, device, clip)
     return result
 
 
 @torch.no_grad()
-def _quantize_lm_head(model, inputs, group_size: int, use_gptq: bool, device, clip: bool) -> dict:
+def quantize_lm_head(model, inputs, group_size: int, use_gptq: bool, device, clip: bool,
+                      rows: int = LM_HEAD_ROWS) -> dict:
     """The lm_head's packed QQQ tensors; its inputs are the final norm of the last layer's
-    outputs (the quantized model's own), its weight is released once packed."""
+    outputs (the quantized model's own), its weight is released once packed. A vocabulary is
+    several times the largest decoder linear, so the rows are quantized `rows` at a time: each
+    row's scales and GPTQ's updates depend on that row and the Hessian only, and the packed
+    layout splits along N at multiples of 64 (as tensor parallelism does), so the result is
+    the whole matrix's."""
     start = time.time()
     norm, head = model.model.norm, model.lm_head
     norm_dtype, head_dtype = norm.weight.dtype, head.weight.dtype
-    norm.to(device, torch.float32)
-    w = head.weight.data.to(device, torch.float32)
-    grid = Grid(w, group_size, clip)
+    hessian = None
     if use_gptq:
-        hessian = Hessian(w.shape[1], device)
+        norm.to(device, torch.float32)
+        hessian = Hessian(head.in_features, device)
         for x in inputs:
             hessian.add(norm(x))
-        codes = gptq(w, hessian.h, grid)
-    else:
-        codes = grid.codes(w, 0)
-    packed = pack(grid.to_weight(codes))
-    norm.to("cpu", norm_dtype)
+        norm.to("cpu", norm_dtype)
+    parts = []
+    for first in range(0, head.out_features, rows):
+        w = head.weight.data[first:first + rows].to(device, torch.float32)
+        grid = Grid(w, group_size, clip)
+        codes = gptq(w, hessian.h, grid) if use_gptq else grid.codes(w, 0)
+        parts.append(pack(grid.to_weight(codes)))
+        del w, grid, codes
+    packed = {name: torch.cat([p[name] for p in parts], dim=-1) for name in parts[0]}
     head.weight.data = torch.empty(0, dtype=head_dtype)
     log.info("lm_head done in %.1f s", time.time() - start)
     return packed

@@ -28,7 +28,7 @@ from offline.calibration import CalibrationError, calibration_samples, load_toke
 from offline.checkpoint import (LINEAR_NAMES, CheckpointError, check_out_dir, check_source_dtype,
                                 qqq_tensors, read_config, write_checkpoint)
 from offline.grid import rtn
-from offline.pipeline import quantize_layers
+from offline.pipeline import quantize_layers, quantize_lm_head
 from offline.rotate import ROTATIONS, rotate_ends, rotate_layer, rotations, untie_lm_head
 from vllm_qqq.format import FormatError, check_shape, pack
 
@@ -125,7 +125,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                     layer.get_submodule(name).weight.data, group_size, clip))
             layer.to("cpu", src_dtype)
         if lm_head:
-            weights["lm_head"] = pack(rtn(model.lm_head.weight.data.to(device), group_size, clip))
+            weights["lm_head"] = quantize_lm_head(model, [], group_size, False, device, clip)
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
     for prefix, packed in weights.items():
         del state[f"{prefix}.weight"]

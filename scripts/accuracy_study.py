@@ -126,6 +126,7 @@ def main():
     for name in args.methods.split(","):
         spec = METHODS[name]
         start = time.time()
+        model = None  # the last method's model, freed before this one quantizes
         if spec == "reference":
             model, group = reference_model(name, args, model_dir, calib), int(name.split("/")[1])
         elif spec is None:

@@ -335,3 +335,22 @@ def test_lm_head_off_the_format_is_refused(tiny_fp16, tmp_path, caplog):
     assert "lm_head (256 -> 520): QQQ needs output features N divisible by 64" in caplog.text
     assert not (tmp_path / "out").exists()
     assert main([str(src), str(tmp_path / "plain")]) == 0
+
+
+@pytest.mark.parametrize("group_size", [-1, 128])
+def test_lm_head_in_row_chunks_is_the_whole_matrix(tiny_fp16, calib_text, group_size):
+    """The lm_head is quantized a block of rows at a time (bounded memory); with GPTQ on the same
+    inputs, 128-row blocks give the tensors of one block of all 512 rows."""
+    from offline.calibration import load_tokenizer
+    from offline.pipeline import capture_first_layer_inputs, quantize_lm_head
+    model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype=torch.float32)
+    samples = calibration_samples(load_tokenizer(tiny_fp16), read_text(calib_text), 4, 64, 0)
+    inputs, _ = capture_first_layer_inputs(model, samples, "cpu")
+    weight = model.lm_head.weight.data.clone()
+    whole = quantize_lm_head(model, inputs, group_size, True, "cpu", False, rows=512)
+    model.lm_head.weight.data = weight
+    chunked = quantize_lm_head(model, inputs, group_size, True, "cpu", False, rows=128)
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+    assert model.lm_head.weight.numel() == 0  # released once packed
