@@ -25,8 +25,8 @@ from offline.calibration import calibration_samples, eval_windows, read_text  # 
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
-# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip[, rotation kind[, lm_head]]]]); None for
-# the unquantized model
+# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip[, rotation kind[, lm_head]]]]);
+# None for the unquantized model
 METHODS = {
     "fp16": None,
     "rtn_w4a8/128": (128, False, False, False),
