@@ -94,7 +94,6 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
     _check_linears(model, group_size, lm_head)
     if lm_head:
         untie_lm_head(model)
-        config = dict(config, tie_word_embeddings=False)
     start = time.time()
     # The model stays in src_dtype: each decoder layer is rotated and quantized in fp32 in turn
     # (host memory ~2 bytes a parameter, not 4 + 2).
@@ -103,7 +102,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
         q, r = rotations(model.config, seed, heads=rotate_heads, kind=rotation)
         rotate_ends(model, q)
         prepare = partial(rotate_layer, q=q, r=r)
-        config = dict(config, tie_word_embeddings=False)  # rotation unties lm_head
+    if rotate or lm_head:  # both untie the lm_head (rotate_ends, untie_lm_head)
+        config = dict(config, tie_word_embeddings=False)
     if calibrated:
         method = "+".join(m for m, on in (("rotate", rotate), ("smooth", smooth), ("gptq", gptq))
                           if on)

