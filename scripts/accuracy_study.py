@@ -123,6 +123,11 @@ def main():
                     "fake-quant PyTorch path (CPU)",
     })
     rows = report.get("rows", [])
+    # Rows compare only within one environment: the same code and seed moved a row by ~1% when
+    # transformers changed under it (NOTES, "Accuracy"), so each row says what made it.
+    import torch
+    import transformers
+    environment = {"torch": torch.__version__, "transformers": transformers.__version__}
     for name in args.methods.split(","):
         spec = METHODS[name]
         start = time.time()
@@ -155,7 +160,7 @@ def main():
                "method": name.split("/")[0], "group_size": group, "ppl": ppl,
                "eval_tokens": int(windows.numel()), "detail": DETAILS[name.split("/")[0]],
                "seconds": round(time.time() - start, 1), "calibration": calibration,
-               "seed": args.seed}
+               "seed": args.seed, "environment": environment}
         # one method's rows at other calibration sizes or seeds stay beside this one
         rows = [r for r in rows if row_key(r) != row_key(row)]
         rows.append(row)
