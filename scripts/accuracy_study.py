@@ -125,7 +125,6 @@ def main():
     rows = report.get("rows", [])
     # Rows compare only within one environment: the same code and seed moved a row by ~1% when
     # transformers changed under it (NOTES, "Accuracy"), so each row says what made it.
-    import torch
     import transformers
     environment = {"torch": torch.__version__, "transformers": transformers.__version__}
     for name in args.methods.split(","):
