@@ -241,11 +241,6 @@ IMPLS = {
         lambda c: (c.set_narrow(1), c.set_narrow_channels(16)),
         lambda c: (c.set_narrow(-1), c.set_narrow_channels(0)), group)
        for name, group in (("channel", -1), ("g128", 128))},
-    # The narrow kernel's CTAs in clusters of 2 or 4 sharing each stage's activations (multicast),
-    # wherever the rule picks the narrow kernel.
-    **{f"qqq_{name}_narrow_x{ctas}": setup_qqq_switched(
-        lambda c, ctas=ctas: c.set_narrow_cluster(ctas), lambda c: c.set_narrow_cluster(0), group)
-       for ctas in (2, 4) for name, group in (("channel", -1), ("g128", 128))},
     # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
     # candidates side by side.
     **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},

@@ -70,9 +70,6 @@ PYBIND11_MODULE(_C, m) {
         "Tuning: the narrow kernel's ring depth, 2, 3, 4 or 6 stages (0: by the rule).");
   m.def("set_narrow_channels", &qqq::set_narrow_channels, py::arg("channels"),
         "Tuning: the narrow kernel's channels per CTA, 16 or 32 (0: 32, the default).");
-  m.def("set_narrow_cluster", &qqq::set_narrow_cluster, py::arg("ctas"),
-        "Tuning: the narrow kernel's CTAs in clusters of 2 or 4 sharing the activations "
-        "(sm_90+; 0 or 1: none, the default).");
   m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
   m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),

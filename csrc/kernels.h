@@ -116,9 +116,6 @@ void set_narrow(int mode);
 void set_narrow_stages(int stages);
 // Tuning: the narrow kernel's channels per CTA, 16 or 32 (0: 32, the default).
 void set_narrow_channels(int channels);
-// Tuning: the narrow kernel's 32-channel CTAs in clusters of 2 or 4 sharing each stage's
-// activations (copy-engine multicast, sm_90+); 0 or 1: none, the default.
-void set_narrow_cluster(int ctas);
 
 // True on compute capability 9.0 when the extension holds the sm_90a build of the kernel.
 bool wgmma_available();

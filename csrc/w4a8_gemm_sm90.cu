@@ -42,6 +42,7 @@
 #include "stage_copies.cuh"
 #include "tma.cuh"
 
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include "wgmma.cuh"
 
 namespace qqq {
@@ -476,6 +477,35 @@ __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
 #else
   __trap();  // not built for sm_90a: wgmma_available() keeps the host from launching this
 #endif
+}
+
+// The tensor map of the int8 activations [m, k] for the copy engine: boxes of bm rows x 128 bytes
+// stored with the 128-byte swizzle (the layout wgmma_desc_sw128 describes); rows past m read 0.
+static CUtensorMap activation_map(const int8_t* a, int m, int k, int bm) {
+  static const auto encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                cudaEnableDefault, &found),
+               "cuTensorMapEncodeTiled lookup");
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) {
+      throw std::runtime_error("vllm_qqq: the driver has no cuTensorMapEncodeTiled");
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(m)};
+  const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(k)};
+  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(bm)}, steps[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<int8_t*>(a), dims,
+                            row_bytes, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    throw std::runtime_error("vllm_qqq: cuTensorMapEncodeTiled failed (" + std::to_string(r) +
+                             ")");
+  }
+  return map;
 }
 
 template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>

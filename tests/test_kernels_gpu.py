@@ -373,57 +373,20 @@ def test_narrow_ring_depths_match_reference(channels, stages, g):
             check_gemm(shape, m, g)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
-@pytest.mark.parametrize("stages", [3, 4, 6])
-@pytest.mark.parametrize("ctas", [2, 4])
-def test_narrow_clusters_match_reference(ctas, stages, g):
-    """The narrow kernel's CTAs in clusters that share each stage's activations (each CTA's copy
-    engine multicasts its share of the k blocks to the whole cluster): K shorter and longer than
-    the ring, partial last stages (qwen_down: 70 k blocks), the ring reused many times
-    (llama3_down: 14 stages), M of 1-16 (rows past M zero-filled by the copy engine); where the
-    CTAs do not divide into clusters (small_partial_n's 6 CTAs in 4s) the kernel without."""
-    from vllm_qqq import _C
-    if not _C.wgmma_available():
-        pytest.skip("clusters and the copy engine need sm_90")
-    with forced_narrow_kernel(32, stages, ctas):
-        for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("llama3_down", 16),
-                         ("qwen_qkv", 1), ("llama3_qkv", 9), ("small_partial_n", 3)):
-            check_gemm(shape, m, g)
-
-
-@pytest.mark.parametrize("ctas", [2, 4])
-def test_narrow_clusters_in_a_graph_wait_for_the_quantization(ctas):
-    """Clusters of the narrow kernel started early in a CUDA graph after the quantization and
-    after the fused add + RMSNorm + quantization: the copy engine reads the activations only
-    after the wait (its tensor map, captured with the graph, reads each replay's new input)."""
-    from vllm_qqq import _C
-    if not _C.wgmma_available():
-        pytest.skip("clusters and the copy engine need sm_90")
-    with pytest.raises(ValueError, match="clusters take 1, 2 or 4"):
-        _C.set_narrow_cluster(3)
-    with forced_narrow_kernel(32, 0, ctas):
-        _, _, eager = norm_then_gemm(4096, 6144)
-        for m in (1, 16):
-            check_chain_in_a_graph(m)
-            check_in_a_graph_as_eager(eager, m, 4096)
-
-
 @contextlib.contextmanager
-def forced_narrow_kernel(channels, stages, cluster=0):
-    """M <= 16 on the narrow kernel with `channels` per CTA, a ring of `stages` (0: the rule's)
-    and CTAs in clusters of `cluster` (0: none), then the rule's choices again."""
+def forced_narrow_kernel(channels, stages):
+    """M <= 16 on the narrow kernel with `channels` per CTA and a ring of `stages`, then the
+    rule's choices again."""
     from vllm_qqq import _C
     _C.set_narrow(1)
     _C.set_narrow_stages(stages)
     _C.set_narrow_channels(channels)
-    _C.set_narrow_cluster(cluster)
     try:
         yield
     finally:
         _C.set_narrow(-1)
         _C.set_narrow_stages(0)
         _C.set_narrow_channels(0)
-        _C.set_narrow_cluster(0)
 
 
 @pytest.mark.parametrize("g", [-1, 128])
