@@ -53,9 +53,11 @@ def setup_fp16(k, n):
 
 
 def setup_qqq(g):
+    """g: -1 per-channel, 128 g128 with fp16 group scales, "int" g128 with integer ones."""
     def setup(k, n):
         from offline.grid import rtn
-        t = device_weight(rtn(torch.randn(n, k, device=DEV) / k**0.5, g))
+        w = torch.randn(n, k, device=DEV) / k**0.5
+        t = device_weight(rtn(w, -1 if g == -1 else 128, int_scales=g == "int"))
         ws = ops.workspace(DEV, n)
         nbytes = sum(v.numel() * v.element_size() for v in t.values())
         return (lambda x: ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws),
@@ -218,6 +220,11 @@ def setup_cutlass_w4a8_fp8(k, n):
 IMPLS = {
     "qqq_channel": setup_qqq(-1),
     "qqq_g128": setup_qqq(128),
+    # g128 with integer group scales (qqq-quantize --int-group-scales): the integer decode.
+    "qqq_g128_int": setup_qqq("int"),
+    "qqq_g128_int_narrow": setup_qqq_small_m(1, "int"),
+    "qqq_g128_int_splitk": setup_qqq_small_m(0, "int"),
+    "qqq_g128_int_narrow16": setup_qqq_narrow16("int"),
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,

@@ -47,16 +47,17 @@ PYBIND11_MODULE(_C, m) {
       "gemm",
       [](uintptr_t a, uintptr_t a_scale, uintptr_t b, uintptr_t scale, uintptr_t group,
          uintptr_t bias, uintptr_t out, int out_dtype, int rows, int n, int k, uintptr_t workspace,
-         int64_t workspace_entries, uintptr_t stream, bool prefetch_weights) {
+         int64_t workspace_entries, uintptr_t stream, bool prefetch_weights, bool group_int) {
         qqq::w4a8_gemm(ptr<const int8_t>(a), ptr<const float>(a_scale), ptr<const uint32_t>(b),
-                       ptr<const float>(scale), ptr<const void>(group), ptr<const void>(bias),
+                       ptr<const float>(scale), ptr<const void>(group), group_int,
+                       ptr<const void>(bias),
                        ptr<void>(out), out_dtype, rows, n, k, ptr<int>(workspace),
                        workspace_entries, prefetch_weights, reinterpret_cast<cudaStream_t>(stream));
       },
       py::arg("a"), py::arg("a_scale"), py::arg("b"), py::arg("scale"), py::arg("group"),
       py::arg("bias"), py::arg("out"), py::arg("out_dtype"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("workspace_entries"), py::arg("stream"),
-      py::arg("prefetch_weights") = false);
+      py::arg("prefetch_weights") = false, py::arg("group_int") = false);
   m.def("wgmma_available", &qqq::wgmma_available,
         "Whether the Hopper wgmma kernel can run on the current GPU.");
   m.def("set_wgmma", &qqq::set_wgmma_enabled, py::arg("on"),

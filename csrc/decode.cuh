@@ -49,4 +49,44 @@ __device__ __forceinline__ void decode_group(uint32_t w, uint32_t s2, uint32_t& 
   b1 = prmt(lo02, lo13, 0x6240);
 }
 
+// Per-group decode where s_group is an integer (stored as int16, s in [1, 18]): (code - 8) * s
+// is then exact, and w8 + 128 = code * s + (128 - 8 s) lies in [0, 255] for every weight the
+// loader accepts (w8 in int8), so one multiply-add makes four of them at once with no carry from
+// byte to byte (the 32-bit sum is the bytes' sum: 128 - 8 s may be negative, the results are
+// not). The xor turns each w8 + 128 into w8's two's complement. Codes: the even nibbles (low in
+// each byte) are b1's, the odd ones b0's, as in decode_group.
+__device__ __forceinline__ void decode_group_int(uint32_t w, uint32_t s, uint32_t& b0,
+                                                 uint32_t& b1) {
+  const uint32_t offset = 0x80808080u - s * 0x08080808u;
+  b1 = ((w & 0x0f0f0f0fu) * s + offset) ^ 0x80808080u;
+  b0 = (((w >> 4) & 0x0f0f0f0fu) * s + offset) ^ 0x80808080u;
+}
+
+// How a GEMM kernel decodes its weights (its template parameter DECODE).
+constexpr int kDecodeChannel = 0;    // per-channel codes, no group scales
+constexpr int kDecodeGroupHalf = 1;  // per-group, fp16 group scales
+constexpr int kDecodeGroupInt = 2;   // per-group, integer group scales (int16)
+
+// The operand decode<DECODE> takes for one column from the 16 stored bits of its group scale:
+// the fp16 scale in both halves, or the integer scale.
+template <int DECODE>
+__device__ __forceinline__ uint32_t group_operand(unsigned short bits) {
+  if constexpr (DECODE == kDecodeGroupInt) {
+    return bits;
+  } else {
+    return static_cast<uint32_t>(bits) * 0x10001u;
+  }
+}
+
+template <int DECODE>
+__device__ __forceinline__ void decode(uint32_t w, uint32_t g, uint32_t& b0, uint32_t& b1) {
+  if constexpr (DECODE == kDecodeChannel) {
+    decode_channel(w, b0, b1);
+  } else if constexpr (DECODE == kDecodeGroupHalf) {
+    decode_group(w, g, b0, b1);
+  } else {
+    decode_group_int(w, g, b0, b1);
+  }
+}
+
 }  // namespace qqq

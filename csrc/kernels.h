@@ -36,16 +36,19 @@ void add_rms_norm_quant(const void* x, const void* residual, const void* weight,
 void set_norm_cluster_rows(int rows);
 
 // out[m, n] = (float(sum_k a[m, k] * W[k, n]) * a_scale[m]) * scale[n] (+ bias[n]), W the int8
-// weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the fp16
-// group scales [K/128, N]. workspace: int32 of ops.workspace_size(n) entries, its counters zeroed
+// weight decoded from b (kernel layout, vllm_qqq/ops.py) and, when group != nullptr, the group
+// scales [K/128, N]: fp16, or (group_int) int16 integers whose products (code - 8) * s the
+// loader has checked to lie in int8 (decode.cuh, decode_group_int). workspace: int32 of
+// ops.workspace_size(n) entries, its counters zeroed
 // and left zeroed.
 // prefetch_weights: b and group are not written by the work before this call in the stream (a
 // model's weights); then (sm_90+) the GEMM is launched to start early and prefetch them while the
 // kernel before it (the activations' quantization) finishes, and it waits for that kernel before
 // it reads or writes anything else (programmatic dependent launch).
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-               const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream);
+               const void* group, bool group_int, const void* bias, void* out, int out_dtype,
+               int m, int n, int k, int* workspace, int64_t workspace_entries,
+               bool prefetch_weights, cudaStream_t stream);
 
 // The GEMM's int32 workspace, shared by all layers of a device (vllm_qqq/ops.py agrees): first
 // one counter per tile that the kernels keep zeroed (split-K: which split of a tile finishes
@@ -94,15 +97,15 @@ inline int64_t workspace_partial_entries(int n) {
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it from M =
 // wgmma_default_min_m on sm_90 (below, the narrow or the split-K mma.sync kernel wins).
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
-                     int k, int* ws_partial, int* ws_count, int sms, bool pdl,
-                     cudaStream_t stream);
+                     const half* group, bool group_int, const void* bias, void* out,
+                     int out_dtype, int m, int n, int k, int* ws_partial, int* ws_count, int sms,
+                     bool pdl, cudaStream_t stream);
 
 // The same product for M <= 16 without split-K (w4a8_gemm_narrow.cu): 32-channel tiles, K split
 // over the warps of a CTA. N % 32 == 0, K % 128 == 0; sms: the GPU's SM count (ring depth).
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
-                      const float* scale, const half* group, const void* bias, void* out,
-                      int out_dtype, int m, int n, int k, int sms, bool pdl,
+                      const float* scale, const half* group, bool group_int, const void* bias,
+                      void* out, int out_dtype, int m, int n, int k, int sms, bool pdl,
                       cudaStream_t stream);
 // Whether M <= 16 (below the Hopper kernel) runs the narrow kernel rather than split-K. Measured
 // on the H100 (NOTES.md "GEMM", twelfth session): per-channel, narrow is 22-27% faster on qkv and

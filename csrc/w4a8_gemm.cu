@@ -43,13 +43,14 @@ struct Tile {
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES;
 };
 
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, int DECODE>
 __global__ void __launch_bounds__(kThreads, 2)
     w4a8_gemm_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                      const uint32_t* __restrict__ b, const float* __restrict__ scale,
                      const half* __restrict__ group, const Out* __restrict__ bias,
                      Out* __restrict__ out, int m, int n, int k,
                      int* __restrict__ ws_partial, int* __restrict__ ws_count) {
+  constexpr bool GROUPED = DECODE != kDecodeChannel;
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
   constexpr int kStages = T::STAGES;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -143,8 +144,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if constexpr (GROUPED) {
 #pragma unroll
       for (int j = 0; j < NT; j++) {
-        const half sc = stage_s(s)[(wn * NT + j) * 8 + lane / 4];
-        s2[j] = static_cast<uint32_t>(__half_as_ushort(sc)) * 0x10001u;
+        s2[j] = group_operand<DECODE>(__half_as_ushort(stage_s(s)[(wn * NT + j) * 8 + lane / 4]));
       }
     }
 #pragma unroll
@@ -160,11 +160,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < NT; j++) {
         const uint32_t w = sb[ks * 512 + (wn * NT + j) * 32 + lane];
         uint32_t b0, b1;
-        if constexpr (GROUPED) {
-          decode_group(w, s2[j], b0, b1);
-        } else {
-          decode_channel(w, b0, b1);
-        }
+        decode<DECODE>(w, s2[j], b0, b1);
 #pragma unroll
         for (int i = 0; i < MT; i++) mma_s8(acc[i][j], af[i], b0, b1);
       }
@@ -287,6 +283,7 @@ struct Call {
   const uint32_t* b;
   const float* scale;
   const half* group;
+  bool group_int;  // group holds integer scales (int16)
   const void* bias;
   void* out;
   int m, n, k;
@@ -316,10 +313,10 @@ static int split_count(int m, int n, int k, int bm) {
   return m > kFewSplitsAboveRows ? std::min(splits, kFewSplits) : splits;
 }
 
-template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, bool GROUPED>
+template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N, int DECODE>
 static void launch(const Call& c) {
   using T = Tile<MT, NT, WARPS_M, WARPS_N>;
-  constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, GROUPED>;
+  constexpr auto kernel = w4a8_gemm_kernel<Out, MT, NT, WARPS_M, WARPS_N, DECODE>;
   allow_smem<kernel, T::SMEM_BYTES>();
   launch_kernel(kernel,
                 dim3((c.n + kBN - 1) / kBN, (c.m + T::BM - 1) / T::BM,
@@ -332,10 +329,12 @@ static void launch(const Call& c) {
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
 static void launch_grouped_or_not(const Call& c) {
-  if (c.group != nullptr) {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, true>(c);
+  if (c.group == nullptr) {
+    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeChannel>(c);
+  } else if (c.group_int) {
+    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeGroupInt>(c);
   } else {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, false>(c);
+    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeGroupHalf>(c);
   }
 }
 
@@ -354,8 +353,9 @@ static void dispatch(const Call& c) {
 }
 
 void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-               const void* group, const void* bias, void* out, int out_dtype, int m, int n, int k,
-               int* workspace, int64_t workspace_entries, bool prefetch_weights, cudaStream_t stream) {
+               const void* group, bool group_int, const void* bias, void* out, int out_dtype,
+               int m, int n, int k, int* workspace, int64_t workspace_entries,
+               bool prefetch_weights, cudaStream_t stream) {
   if (k <= 0 || k % kBK != 0 || n <= 0 || n % 64 != 0) {
     throw std::invalid_argument(
         "vllm_qqq: w4a8_gemm needs K and N positive, K % 128 == 0 and N % 64 == 0");
@@ -370,19 +370,19 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace entries must be a multiple of 4");
   }
   if (m == 0) return;
-  const Call c{a, a_scale, b, scale, static_cast<const half*>(group), bias, out, m, n, k,
+  const Call c{a, a_scale, b, scale, static_cast<const half*>(group), group_int, bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                prefetch_weights && pdl_allowed && pdl_supported(), stream};
   static const int sms = sm_count();
   const int min_m =
       wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, group != nullptr, sms);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
-    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
-                    c.ws_partial, c.ws_count, sms, c.pdl, stream);
+    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out, out_dtype,
+                    m, n, k, c.ws_partial, c.ws_count, sms, c.pdl, stream);
   } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, c.group != nullptr)
                                           : narrow_mode > 0)) {
-    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, c.bias, c.out, out_dtype, m, n, k,
-                     sms, c.pdl, stream);
+    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out,
+                     out_dtype, m, n, k, sms, c.pdl, stream);
   } else if (out_dtype == kFloat16) {
     dispatch<half>(c);
   } else {

@@ -58,12 +58,13 @@ template <int NB, int STAGES>
 constexpr int kNarrowCtasPerSm =
     std::min(3, (227 * 1024) / (STAGES * Narrow<NB>::STAGE_BYTES + 1024));
 
-template <typename Out, bool GROUPED, int STAGES, int NB>
+template <typename Out, int DECODE, int STAGES, int NB>
 __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     w4a8_narrow_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                        const uint32_t* __restrict__ b, const float* __restrict__ scale,
                        const half* __restrict__ group, const Out* __restrict__ bias,
                        Out* __restrict__ out, int m, int n, int k) {
+  constexpr bool GROUPED = DECODE != kDecodeChannel;
   using L = Narrow<NB>;
   constexpr int kNarrowNT = L::NT, kSlotA = L::SLOT_A, kSlotB = L::SLOT_B;
   constexpr int kBlocksPerGroup = L::BLOCKS_PER_GROUP;
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
       const half* ss = reinterpret_cast<const half*>(s + kSlotA + kSlotB);
 #pragma unroll
       for (int j = 0; j < kNarrowNT; j++) {
-        s2[j] = static_cast<uint32_t>(__half_as_ushort(ss[j * 8 + lane / 4])) * 0x10001u;
+        s2[j] = group_operand<DECODE>(__half_as_ushort(ss[j * 8 + lane / 4]));
       }
     }
 #pragma unroll
@@ -162,11 +163,7 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
       for (int j = 0; j < kNarrowNT; j++) {
         const uint32_t w = sb[(ks * kNarrowNT + j) * 32 + lane];
         uint32_t b0, b1;
-        if constexpr (GROUPED) {
-          decode_group(w, s2[j], b0, b1);
-        } else {
-          decode_channel(w, b0, b1);
-        }
+        decode<DECODE>(w, s2[j], b0, b1);
         mma_s8(acc[j], af, b0, b1);
       }
     }
@@ -191,11 +188,11 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
   store_scaled_pair(out, n, out_row, out_col, v0, v1, out_ts, out_sc, out_bs, bias != nullptr);
 }
 
-template <typename Out, bool GROUPED, int STAGES, int NB>
+template <typename Out, int DECODE, int STAGES, int NB>
 void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k, bool pdl,
                    cudaStream_t stream) {
-  constexpr auto kernel = w4a8_narrow_kernel<Out, GROUPED, STAGES, NB>;
+  constexpr auto kernel = w4a8_narrow_kernel<Out, DECODE, STAGES, NB>;
   constexpr int smem = STAGES * Narrow<NB>::STAGE_BYTES;
   allow_smem<kernel, smem>();
   launch_kernel(kernel, dim3(n / NB), dim3(kNarrowThreads), smem, stream, pdl,
@@ -203,24 +200,24 @@ void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, con
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k);
 }
 
-template <typename Out, bool GROUPED, int NB>
+template <typename Out, int DECODE, int NB>
 void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, const uint32_t* b,
                           const float* scale, const half* group, const void* bias, void* out,
                           int m, int n, int k, bool pdl, cudaStream_t stream) {
-  const auto launch = stages == 2   ? launch_narrow<Out, GROUPED, 2, NB>
-                      : stages == 4 ? launch_narrow<Out, GROUPED, kNarrowDeepStages, NB>
-                      : stages == 6 ? launch_narrow<Out, GROUPED, kNarrowDeeperStages, NB>
-                                    : launch_narrow<Out, GROUPED, kNarrowStages, NB>;
+  const auto launch = stages == 2   ? launch_narrow<Out, DECODE, 2, NB>
+                      : stages == 4 ? launch_narrow<Out, DECODE, kNarrowDeepStages, NB>
+                      : stages == 6 ? launch_narrow<Out, DECODE, kNarrowDeeperStages, NB>
+                                    : launch_narrow<Out, DECODE, kNarrowStages, NB>;
   launch(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
-template <typename Out, bool GROUPED>
+template <typename Out, int DECODE>
 void launch_narrow_channels(int channels, int stages, const int8_t* a, const float* a_scale,
                             const uint32_t* b, const float* scale, const half* group,
                             const void* bias, void* out, int m, int n, int k, bool pdl,
                             cudaStream_t stream) {
-  (channels == 16 ? launch_narrow_stages<Out, GROUPED, 16>
-                  : launch_narrow_stages<Out, GROUPED, kNarrowBN>)(
+  (channels == 16 ? launch_narrow_stages<Out, DECODE, 16>
+                  : launch_narrow_stages<Out, DECODE, kNarrowBN>)(
       stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
@@ -230,26 +227,33 @@ int narrow_channels = 0;  // set_narrow_channels; 0: kNarrowBN
 }  // namespace
 
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
-                      const float* scale, const half* group, const void* bias, void* out,
-                      int out_dtype, int m, int n, int k, int sms, bool pdl,
+                      const float* scale, const half* group, bool group_int, const void* bias,
+                      void* out, int out_dtype, int m, int n, int k, int sms, bool pdl,
                       cudaStream_t stream) {
   const int channels = narrow_channels > 0 ? narrow_channels : kNarrowBN;
   if (m > kNarrowBM || n % channels || k % kBlockK) {
     throw std::invalid_argument("vllm_qqq: the narrow W4A8 kernel takes M <= 16, N % " +
                                 std::to_string(channels) + " == 0, K % 128 == 0");
   }
-  const bool grouped = group != nullptr;
   const int stages = narrow_stages > 0      ? narrow_stages
                      : n / channels > sms   ? kNarrowStages
                      : k <= 4096            ? kNarrowDeepStages
                                             : kNarrowDeeperStages;
+  const auto run = [&](auto launch_fn) {
+    launch_fn(channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+  };
+  const int decode = group == nullptr ? kDecodeChannel
+                     : group_int      ? kDecodeGroupInt
+                                      : kDecodeGroupHalf;
+  using bf16 = __nv_bfloat16;
   if (out_dtype == kFloat16) {
-    (grouped ? launch_narrow_channels<half, true> : launch_narrow_channels<half, false>)(
-        channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    if (decode == kDecodeGroupInt) run(launch_narrow_channels<half, kDecodeGroupInt>);
+    else if (decode == kDecodeGroupHalf) run(launch_narrow_channels<half, kDecodeGroupHalf>);
+    else run(launch_narrow_channels<half, kDecodeChannel>);
   } else {
-    (grouped ? launch_narrow_channels<__nv_bfloat16, true>
-             : launch_narrow_channels<__nv_bfloat16, false>)(
-        channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+    if (decode == kDecodeGroupInt) run(launch_narrow_channels<bf16, kDecodeGroupInt>);
+    else if (decode == kDecodeGroupHalf) run(launch_narrow_channels<bf16, kDecodeGroupHalf>);
+    else run(launch_narrow_channels<bf16, kDecodeChannel>);
   }
 }
 

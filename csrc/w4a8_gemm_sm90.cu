@@ -129,7 +129,7 @@ constexpr bool registers_fit_pool() {
              threads * (65536 / Tile<BM, STAGES, TMA, WG>::CTAS_PER_SM / threads / 8 * 8);
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
+template <typename Out, int BM, int STAGES, int DECODE, bool TMA, int WG>
 __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
                                   Tile<BM, STAGES, TMA, WG>::CTAS_PER_SM)
     w4a8_gemm_wgmma_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
@@ -139,6 +139,7 @@ __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
                            int* __restrict__ ws_partial, int* __restrict__ ws_count,
                            const __grid_constant__ CUtensorMap x_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool GROUPED = DECODE != kDecodeChannel;
   using T = Tile<BM, STAGES, TMA, WG>;
   static_assert(registers_fit_pool<BM, STAGES, TMA, WG>(),
                 "setmaxnreg shares exceed the registers the CTA is launched with");
@@ -191,9 +192,8 @@ __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
     const uint32_t* sw = stage_w(s);
     [[maybe_unused]] uint32_t s_lo = 0, s_hi = 0;  // per-group only
     if constexpr (GROUPED) {
-      s_lo = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + lane / 4])) * 0x10001u;
-      s_hi = static_cast<uint32_t>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4])) *
-             0x10001u;
+      s_lo = group_operand<DECODE>(__half_as_ushort(stage_s(s)[tile0 * 8 + lane / 4]));
+      s_hi = group_operand<DECODE>(__half_as_ushort(stage_s(s)[tile0 * 8 + 8 + lane / 4]));
     }
     // Decode: for k32 step ks, lo = n8 tile tile0, hi = tile0 + 1; [0] k 0-15, [1] k 16-31.
 #pragma unroll
@@ -201,13 +201,8 @@ __global__ void __launch_bounds__(kCtaThreads<BM, STAGES, TMA, WG>,
       const uint32_t w_lo = sw[ks * kBN * 4 + tile0 * 32 + lane];
       const uint32_t w_hi = sw[ks * kBN * 4 + tile0 * 32 + 32 + lane];
       uint32_t lo[2], hi[2];
-      if constexpr (GROUPED) {
-        decode_group(w_lo, s_lo, lo[0], lo[1]);
-        decode_group(w_hi, s_hi, hi[0], hi[1]);
-      } else {
-        decode_channel(w_lo, lo[0], lo[1]);
-        decode_channel(w_hi, hi[0], hi[1]);
-      }
+      decode<DECODE>(w_lo, s_lo, lo[0], lo[1]);
+      decode<DECODE>(w_hi, s_hi, hi[0], hi[1]);
       afrag[p][ks][0] = lo[0];
       afrag[p][ks][1] = hi[0];
       afrag[p][ks][2] = lo[1];
@@ -508,11 +503,11 @@ static CUtensorMap activation_map(const int8_t* a, int m, int k, int bm) {
   return map;
 }
 
-template <typename Out, int BM, int STAGES, bool GROUPED, bool TMA, int WG>
+template <typename Out, int BM, int STAGES, int DECODE, bool TMA, int WG>
 static void launch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k,
                    int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
-  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, GROUPED, TMA, WG>;
+  constexpr auto kernel = w4a8_gemm_wgmma_kernel<Out, BM, STAGES, DECODE, TMA, WG>;
   using T = Tile<BM, STAGES, TMA, WG>;
   constexpr int smem = T::SMEM_BYTES, kBN = T::BN;
   constexpr int threads = kCtaThreads<BM, STAGES, TMA, WG>;
@@ -700,12 +695,13 @@ static bool choose_small_tile(int m, int n, int k, int sms, bool grouped, int& b
   return true;
 }
 
-template <typename Out, bool GROUPED>
+template <typename Out, int DECODE>
 static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                      const half* group, const void* bias, void* out, int m, int n, int k,
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages, wg = kDefaultWarpgroups;
   bool tma = forced_tma;
+  constexpr bool GROUPED = DECODE != kDecodeChannel;
   if (bm == 0 && choose_small_tile(m, n, k, sms, GROUPED, bm, stages, wg)) {
     tma = true;
   } else if (bm == 0) {
@@ -722,7 +718,7 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
   }
 #define QQQ_TILE(BM_, STAGES_, TMA_, WG_)                                                        \
   if (bm == BM_ && stages == STAGES_ && tma == TMA_ && wg == WG_) {                              \
-    return launch<Out, BM_, STAGES_, GROUPED, TMA_, WG_>(a, a_scale, b, scale, group, bias, out, \
+    return launch<Out, BM_, STAGES_, DECODE, TMA_, WG_>(a, a_scale, b, scale, group, bias, out,  \
                                                          m, n, k, ws_partial, ws_count, sms, pdl, \
                                                          stream);                                 \
   }
@@ -760,7 +756,8 @@ bool wgmma_available() {
     // without 90a in QQQ_CUDA_ARCHS), where its body is compiled out.
     cudaFuncAttributes attr;
     if (cudaFuncGetAttributes(&attr,
-                              sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, false, false, 2>) !=
+                              sm90::w4a8_gemm_wgmma_kernel<half, 128, 4, kDecodeChannel, false,
+                                                           2>) !=
         cudaSuccess) {
       cudaGetLastError();
       return false;
@@ -778,24 +775,24 @@ void set_wgmma_tile(int bm, int stages, bool producer_warp, int warpgroups) {
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, const void* bias, void* out, int out_dtype, int m, int n,
-                     int k, int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
+                     const half* group, bool group_int, const void* bias, void* out,
+                     int out_dtype, int m, int n, int k, int* ws_partial, int* ws_count, int sms,
+                     bool pdl, cudaStream_t stream) {
+  const int decode = group == nullptr ? kDecodeChannel
+                     : group_int      ? kDecodeGroupInt
+                                      : kDecodeGroupHalf;
+  const auto run = [&](auto dispatch_fn) {
+    dispatch_fn(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, sms, pdl,
+                stream);
+  };
   if (out_dtype == kFloat16) {
-    if (group != nullptr) {
-      sm90::dispatch<half, true>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                                 ws_count, sms, pdl, stream);
-    } else {
-      sm90::dispatch<half, false>(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial,
-                                  ws_count, sms, pdl, stream);
-    }
+    if (decode == kDecodeGroupInt) run(sm90::dispatch<half, kDecodeGroupInt>);
+    else if (decode == kDecodeGroupHalf) run(sm90::dispatch<half, kDecodeGroupHalf>);
+    else run(sm90::dispatch<half, kDecodeChannel>);
   } else {
-    if (group != nullptr) {
-      sm90::dispatch<__nv_bfloat16, true>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                          ws_partial, ws_count, sms, pdl, stream);
-    } else {
-      sm90::dispatch<__nv_bfloat16, false>(a, a_scale, b, scale, group, bias, out, m, n, k,
-                                           ws_partial, ws_count, sms, pdl, stream);
-    }
+    if (decode == kDecodeGroupInt) run(sm90::dispatch<__nv_bfloat16, kDecodeGroupInt>);
+    else if (decode == kDecodeGroupHalf) run(sm90::dispatch<__nv_bfloat16, kDecodeGroupHalf>);
+    else run(sm90::dispatch<__nv_bfloat16, kDecodeChannel>);
   }
 }
 

@@ -5,6 +5,9 @@ Per-group (two-level): w = channel[n] * round((code - 8) * group[k / G, n]), cod
 (in [1, 15] where group > 16, so that every product stays in int8),
 channel = absmax(row) / 127 (the int8 step), group = fp16(absmax(group) / (7 * channel)), so the
 largest weight of each group maps to code 8 +- 7 and every product lands on the int8 grid.
+With integer group scales (the QQQ paper's int8 group scales), group is the floor or the ceiling
+of that, whichever rounds the group with the lesser error: the GPU kernels then decode the
+weights with integer arithmetic, about half the instructions of the fp16 decode.
 """
 
 import torch
@@ -18,14 +21,18 @@ class Grid:
     """Scales for one weight [N, K] (torch Linear layout, out x in), fixed before quantization
     (GPTQ's static groups), and rounding of any column block onto them."""
 
-    def __init__(self, weight: torch.Tensor, group_size: int, clip: bool = False):
+    def __init__(self, weight: torch.Tensor, group_size: int, clip: bool = False,
+                 int_scales: bool = False):
         """clip: shrink each row's (per-channel) or group's (g128) range by the factor of CLIPS
-        that minimizes its round-to-nearest squared error, instead of always using its absmax."""
+        that minimizes its round-to-nearest squared error, instead of always using its absmax.
+        int_scales: integer group scales (g128 only)."""
         n, k = weight.shape
         check_shape(k, n, group_size)
         w = weight.float()
         self.group_size = group_size
         absmax = w.abs().amax(dim=1).clamp_min(_TINY)
+        if int_scales and group_size == -1:
+            raise ValueError("integer group scales need group_size 128")
         if group_size == -1:
             self.channel = _div(absmax, 7)
             self.group = None
@@ -42,7 +49,10 @@ class Grid:
                     _group_error(w3, self.channel, _fp16_group_scales(gmax * c, self.channel))
                     for c in CLIPS])
                 factor = _best(errors)
-            self.group = _fp16_group_scales(gmax * factor, self.channel).t()  # [K/G, N]
+            scales = _fp16_group_scales(gmax * factor, self.channel)
+            if int_scales:
+                scales = _int_group_scales(w3, self.channel, scales)
+            self.group = scales.t()  # [K/G, N]
             self._group_f = self.group.float()
 
     def _group_scale(self, k0: int, cols: int) -> torch.Tensor:
@@ -77,9 +87,10 @@ class Grid:
                          None if self.group is None else self.group.cpu().clone(), self.group_size)
 
 
-def rtn(weight: torch.Tensor, group_size: int, clip: bool = False) -> QQQWeight:
+def rtn(weight: torch.Tensor, group_size: int, clip: bool = False,
+        int_scales: bool = False) -> QQQWeight:
     """Round-to-nearest QQQ quantization of a Linear weight [N, K]."""
-    grid = Grid(weight, group_size, clip)
+    grid = Grid(weight, group_size, clip, int_scales)
     return grid.to_weight(grid.codes(weight, 0))
 
 
@@ -98,6 +109,23 @@ def _fp16_group_scales(gmax: torch.Tensor, channel: torch.Tensor) -> torch.Tenso
     """fp16 group scales [N, G] that map gmax to code 8 +- 7 on the channel's int8 step."""
     scales = (gmax / (7 * channel[:, None])).to(torch.float16)
     return scales.clamp_min(torch.finfo(torch.float16).tiny)
+
+
+# The largest integer group scale: (code - 8) * 18 stays in int8 for codes 1-15, which
+# _group_codes keeps to above 16 (the format's limit is 127.5 / 7).
+MAX_INT_GROUP_SCALE = 18
+
+
+def _int_group_scales(w3: torch.Tensor, channel: torch.Tensor,
+                      scales: torch.Tensor) -> torch.Tensor:
+    """Integer group scales [N, G] (as fp16): the floor or the ceiling of the fp16 scales [N, G],
+    whichever gives the group w3 [N, G, size] the lesser round-to-nearest error (the ceiling on
+    a tie: it never narrows the group's range)."""
+    s = scales.float()
+    floor = s.floor().clamp(1, MAX_INT_GROUP_SCALE).to(torch.float16)
+    ceil = s.ceil().clamp(1, MAX_INT_GROUP_SCALE).to(torch.float16)
+    take_ceil = _group_error(w3, channel, ceil) <= _group_error(w3, channel, floor)
+    return torch.where(take_ceil, ceil, floor)
 
 
 def _channel_codes(w: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:

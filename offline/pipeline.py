@@ -77,11 +77,12 @@ def _collect(layer, inputs, kwargs, names, hessians=None, keep_rows=0):
 @torch.no_grad()
 def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool, use_gptq: bool,
                     device="cpu", clip: bool = False, prepare=None,
-                    lm_head: bool = False) -> dict[str, dict]:
+                    lm_head: bool = False, int_scales: bool = False) -> dict[str, dict]:
     """Quantize every decoder linear of `model` (smoothing is folded into norms and producers)
     and return each one's packed QQQ tensors (vllm_qqq.format.pack). clip: search each row's /
     group's range (offline/grid.py) before GPTQ. lm_head: also the lm_head (key "lm_head"), with
-    GPTQ on the final norm's outputs, without smoothing.
+    GPTQ on the final norm's outputs, without smoothing. int_scales: integer group scales
+    (offline/grid.py; g128 only).
     Bounded memory: the model stays in its dtype on the host; each layer works in fp32 on
     `device` while it is quantized, after prepare(layer) if given (the layer's rotation), and its
     linears' weights are released once the next layer's inputs are computed from their
@@ -113,7 +114,7 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
         for name in LINEAR_NAMES:
             linear = layer.get_submodule(name)
             w = linear.weight.data.float()
-            grid = Grid(w, group_size, clip)
+            grid = Grid(w, group_size, clip, int_scales)
             codes = gptq(w, hessians[name].h, grid) if use_gptq else grid.codes(w, 0)
             result[f"model.layers.{i}.{name}"] = pack(grid.to_weight(codes))
             linear.weight.data = grid.dequant(codes, 0).to(linear.weight.dtype)
@@ -124,13 +125,14 @@ def quantize_layers(model, samples: torch.Tensor, group_size: int, smooth: bool,
         layer.to("cpu", layer_dtype)
         log.info("layer %d/%d done in %.1f s", i + 1, len(model.model.layers), time.time() - start)
     if lm_head:
-        result["lm_head"] = quantize_lm_head(model, inputs, group_size, use_gptq, device, clip)
+        result["lm_head"] = quantize_lm_head(model, inputs, group_size, use_gptq, device, clip,
+                                             int_scales=int_scales)
     return result
 
 
 @torch.no_grad()
 def quantize_lm_head(model, inputs, group_size: int, use_gptq: bool, device, clip: bool,
-                      rows: int = LM_HEAD_ROWS) -> dict:
+                      rows: int = LM_HEAD_ROWS, int_scales: bool = False) -> dict:
     """The lm_head's packed QQQ tensors; its inputs are the final norm of the last layer's
     outputs (the quantized model's own), its weight is released once packed. A vocabulary is
     several times the largest decoder linear, so the rows are quantized `rows` at a time: each
@@ -150,7 +152,7 @@ def quantize_lm_head(model, inputs, group_size: int, use_gptq: bool, device, cli
     parts = []
     for first in range(0, head.out_features, rows):
         w = head.weight.data[first:first + rows].to(device, torch.float32)
-        grid = Grid(w, group_size, clip)
+        grid = Grid(w, group_size, clip, int_scales)
         codes = gptq(w, hessian.h, grid) if use_gptq else grid.codes(w, 0)
         parts.append(pack(grid.to_weight(codes)))
         del w, grid, codes

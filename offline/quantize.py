@@ -71,14 +71,17 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
                    seed: int = 0, rotate: bool | None = None, rotate_heads: bool = False,
                    clip: bool = False, rotation: str | None = None,
-                   lm_head: bool = False) -> Path:
+                   lm_head: bool = False, int_group_scales: bool = False) -> Path:
     """Quantize the model in model_dir to a QQQ checkpoint in out_dir. smooth, rotate and
     rotation left as None take default_pipeline's choice for the group size, as qqq-quantize
-    does. lm_head: quantize the lm_head too (untied from the embedding)."""
+    does. lm_head: quantize the lm_head too (untied from the embedding). int_group_scales:
+    integer group scales (g128 only; offline/grid.py)."""
     from transformers import AutoModelForCausalLM
 
     rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
                                                 rotation)
+    if int_group_scales and group_size == -1:
+        raise FormatError("integer group scales need --group-size 128")
     config = read_config(model_dir)
     check_out_dir(out_dir)
     calibrated = calib is not None and (smooth or gptq)
@@ -110,7 +113,7 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
         log.info("QQQ %s, group %d, %d x %d calibration tokens on %s", method, group_size,
                  nsamples, seqlen, device)
         weights = quantize_layers(model, samples, group_size, smooth, gptq, device, clip, prepare,
-                                  lm_head)
+                                  lm_head, int_scales=int_group_scales)
     else:
         weights = {}
         # Rounding to nearest, one layer at a time on `device` (the CPU took ~70 s for a
@@ -122,10 +125,11 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                 prepare(layer)
             for name in LINEAR_NAMES:
                 weights[f"model.layers.{i}.{name}"] = pack(rtn(
-                    layer.get_submodule(name).weight.data, group_size, clip))
+                    layer.get_submodule(name).weight.data, group_size, clip, int_group_scales))
             layer.to("cpu", src_dtype)
         if lm_head:
-            weights["lm_head"] = quantize_lm_head(model, [], group_size, False, device, clip)
+            weights["lm_head"] = quantize_lm_head(model, [], group_size, False, device, clip,
+                                                  int_scales=int_group_scales)
     state = {k: v.detach().to(src_dtype) for k, v in model.state_dict().items()}
     for prefix, packed in weights.items():
         del state[f"{prefix}.weight"]
@@ -139,7 +143,8 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                                   "rotation": rotation if rotate else None,
                                   "rotate_heads": bool(rotate and rotate_heads),
                                   "calibration": f"{nsamples} x {seqlen}" if calibrated else None,
-                                  **({"lm_head": True} if lm_head else {})})
+                                  **({"lm_head": True} if lm_head else {}),
+                                  **({"int_group_scales": True} if int_group_scales else {})})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     log.info("quantized %d linears in %.1f s, peak host memory %.1f GiB -> %s", len(weights),
              time.time() - start, peak, out)
@@ -171,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", action="store_true",
                         help="search each row's (per-channel) or group's (g128) weight range for "
                              "the least rounding error instead of its absmax (off by default)")
+    parser.add_argument("--int-group-scales", action="store_true",
+                        help="with --group-size 128, integer group scales (the QQQ paper's "
+                             "format): the GPU kernels decode them with about half the "
+                             "instructions (off by default)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="also quantize the lm_head (GPTQ on the final norm's outputs, no "
                              "smoothing; untied from the embedding): faster decoding, some "
@@ -195,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         quantize_model(args.model_dir, args.out_dir, args.group_size, args.calib, args.smooth,
                        args.gptq, args.nsamples, args.seqlen, args.device, args.seed,
                        args.rotate, args.rotate_heads, args.clip, args.rotation,
-                       args.quantize_lm_head)
+                       args.quantize_lm_head, args.int_group_scales)
     except (CheckpointError, FormatError, CalibrationError) as e:
         log.error("%s", e)
         return 2

@@ -25,7 +25,8 @@ from offline.calibration import calibration_samples, eval_windows, read_text  # 
 from offline.evaluate import load_model, perplexity  # noqa: E402
 from offline.quantize import quantize_model  # noqa: E402
 
-# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip[, rotation kind[, lm_head]]]]);
+# name -> (group_size, smooth, gptq, rotate[, rotate_heads[, clip[, rotation kind[, lm_head[,
+# integer group scales]]]]]);
 # None for the unquantized model
 METHODS = {
     "fp16": None,
@@ -49,6 +50,8 @@ METHODS = {
     # the default pipelines with the lm_head quantized too (qqq-quantize --quantize-lm-head)
     "qqq_had_smooth_lm_head_w4a8/-1": (-1, True, True, True, False, False, "hadamard", True),
     "qqq_rot_lm_head_w4a8/128": (128, False, True, True, False, False, "orthogonal", True),
+    # the g128 default with integer group scales (qqq-quantize --int-group-scales)
+    "qqq_rot_int_w4a8/128": (128, False, True, True, False, False, "orthogonal", False, True),
     # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
     "gptq_w4a16/128": "reference",
     "smoothquant_w8a8/-1": "reference",
@@ -74,6 +77,8 @@ DETAILS = {
                                    "smoothing, GPTQ) with the lm_head quantized too (GPTQ)",
     "qqq_rot_lm_head_w4a8": "the g128 default (random orthogonal rotation, GPTQ) with the lm_head "
                             "quantized too (GPTQ)",
+    "qqq_rot_int_w4a8": "the g128 default (random orthogonal rotation, GPTQ) with integer group "
+                        "scales (the floor or ceiling of each fp16 scale)",
     "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
     "smoothquant_w8a8": "SmoothQuant alpha 0.5 (norm->qkv, norm->gate/up), int8 per-channel "
                         "weights (round to nearest), int8 per-token activations",
@@ -137,8 +142,9 @@ def main():
             target, group = model_dir, None
         else:
             group, smooth, gptq, rotate, *more = spec
-            defaults = [False, False, "orthogonal", False]  # rotate_heads, clip, rotation, lm_head
-            heads, clip, rotation, lm_head = list(more) + defaults[len(more):]
+            # rotate_heads, clip, rotation, lm_head, integer group scales
+            defaults = [False, False, "orthogonal", False, False]
+            heads, clip, rotation, lm_head, int_scales = list(more) + defaults[len(more):]
             target = study_dir(args, name.replace("/", "_g"))
             if target.exists() and not args.reuse:
                 shutil.rmtree(target)
@@ -146,7 +152,7 @@ def main():
                 quantize_model(model_dir, target, group, calib=calib, smooth=smooth, gptq=gptq,
                                nsamples=args.nsamples, seqlen=args.seqlen, device="cpu",
                                seed=args.seed, rotate=rotate, rotate_heads=heads, clip=clip,
-                               rotation=rotation, lm_head=lm_head)
+                               rotation=rotation, lm_head=lm_head, int_group_scales=int_scales)
         calibration = None if spec is None else f"{args.nsamples} x {args.seqlen}"
         if spec != "reference":
             model = load_model(target)

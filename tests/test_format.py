@@ -146,3 +146,29 @@ def test_every_accepted_group_product_decodes_exactly_in_fp16():
         low_byte = fma.view(torch.int16).to(torch.int32) & 0xFF
         assert torch.equal(torch.where(low_byte > 127, low_byte - 256, low_byte).double(),
                            w8[accepted])
+
+
+def test_every_accepted_integer_group_product_decodes_exactly():
+    """The integer g128 decode (csrc/decode.cuh, decode_group_int), emulated in 32-bit integers:
+    for integer group scales 1-18 and 4 codes a register, code * s + (128 - 8 s) summed as one
+    32-bit multiply-add, then xor 0x80 per byte, gives each byte (code - 8) * s in two's
+    complement, for every combination of codes whose products the loader accepts (in int8): no
+    carry crosses a byte, even where 128 - 8 s < 0. Its bytes are the fp16 decode's: the even
+    nibbles b1's, the odd ones b0's."""
+    mask = (1 << 32) - 1
+    gen = torch.Generator().manual_seed(0)
+    for s in range(1, 19):
+        codes = torch.arange(16)
+        codes = codes[((codes - 8) * s >= -128) & ((codes - 8) * s <= 127)]
+        # every code in every byte position, and random mixes
+        picks = torch.cat([codes.repeat_interleave(8).reshape(-1, 8),
+                           codes[torch.randint(0, len(codes), (4096, 8), generator=gen)]])
+        offset = (0x80808080 - s * 0x08080808) & mask
+        for row in picks.tolist():
+            w = sum(c << (4 * i) for i, c in enumerate(row))
+            b1 = ((((w & 0x0F0F0F0F) * s) + offset) & mask) ^ 0x80808080
+            b0 = (((((w >> 4) & 0x0F0F0F0F) * s) + offset) & mask) ^ 0x80808080
+            for j in range(4):
+                for b, code in ((b1, row[2 * j]), (b0, row[2 * j + 1])):
+                    byte = (b >> (8 * j)) & 0xFF
+                    assert byte - 256 * (byte > 127) == (code - 8) * s

@@ -38,12 +38,20 @@ CASES = [(s, m) for s in ("llama3_qkv", "llama3_down", "qwen_down", "small_parti
                             for m in (1, 16, 64, 257, 1024)]
 
 
+# Group modes of the tests: per-channel, g128 with fp16 group scales, g128 with integer ones
+# (qqq-quantize --int-group-scales; the kernels' integer decode).
+GROUPS = [-1, 128, "int"]
+
+
 def make_layer(k, n, g, seed):
+    """A random layer of group mode g (GROUPS), in the kernels' tensors on the GPU."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.5)
-    if g == 128:  # make group scales differ a lot inside a row
+    if g != -1:  # make group scales differ a lot inside a row
         w *= torch.rand(1, k // 128, generator=gen).repeat_interleave(128, 1) * 4 + 0.1
-    t = ops.prepare_weight(rtn(w, g))
+    t = ops.prepare_weight(rtn(w, -1 if g == -1 else 128, int_scales=g == "int"))
+    if g != -1:  # which decode the kernels take: the integer one for integer scales only
+        assert t["qqq_group"].dtype == (torch.int16 if g == "int" else torch.float16)
     return {name: v.cuda() for name, v in t.items()}
 
 
@@ -298,13 +306,13 @@ def test_add_rms_norm_quant_in_a_graph_and_compiled():
     assert fusion.fused == {"norm": 1}
 
 
-@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("shape,m", CASES)
 def test_gemm_matches_reference(shape, m, g):
     check_gemm(shape, m, g)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("shape,m", [("llama3_qkv", 17), ("qwen_down", 64),
                                      ("small_partial_n", 65), ("llama3_down", 257),
                                      ("qwen_qkv", 1024), ("wide_partial_n", 40)])
@@ -318,7 +326,7 @@ def test_mma_kernel_above_16_matches_reference(shape, m, g):
         _C.set_wgmma(True)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("bm,stages,producer_warp,warpgroups", WGMMA_TILES)
 def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroups, g):
     """Each Hopper tile forced at M it would not get by default (partial and several token tiles,
@@ -340,7 +348,7 @@ def test_every_wgmma_tile_matches_reference(bm, stages, producer_warp, warpgroup
         _C.set_wgmma_min_m(0)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("mode", [1, 0])
 def test_small_m_kernels_either_way_match_reference(mode, g):
     """M <= 16 forced onto each small-M kernel, whichever the rule picks for the shape: the narrow
@@ -360,7 +368,7 @@ def test_small_m_kernels_either_way_match_reference(mode, g):
         _C.set_wgmma_min_m(0)
 
 
-@pytest.mark.parametrize("g", [-1, 128])
+@pytest.mark.parametrize("g", GROUPS)
 @pytest.mark.parametrize("stages", [2, 3, 4, 6])
 @pytest.mark.parametrize("channels", [32, 16])
 def test_narrow_ring_depths_match_reference(channels, stages, g):
@@ -417,9 +425,10 @@ def check_layer(t, m, k, n, g):
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # poison
         from vllm_qqq import _C
         _C.gemm(a.data_ptr(), s.data_ptr(), t["qqq_b"].data_ptr(), t["qqq_scale"].data_ptr(),
-                t["qqq_group"].data_ptr() if g == 128 else 0,
+                t["qqq_group"].data_ptr() if g != -1 else 0,
                 bias.data_ptr() if bias is not None else 0, out.data_ptr(), ops._DTYPE_CODE[dtype],
-                m, n, k, ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream)
+                m, n, k, ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream,
+                group_int=t["qqq_group"].dtype == torch.int16)
         torch.cuda.synchronize()
         assert not out.isnan().any(), "output not fully written"
         diff = (out.float() - ref.float()).abs()
@@ -470,18 +479,40 @@ def edge_group_layer(k, n, seed):
     return {name: v.cuda() for name, v in t.items()}
 
 
+def edge_int_group_layer(k, n, seed):
+    """A g128 layer of integer group scales 1-18 whose products reach -128 (code 0 at s = 16)
+    and 126 (code 15 at s = 18): the integer decode's bytes run from 0 to 254 with no carry
+    into the next byte. Code 0 only where s <= 16, as the loader requires."""
+    from vllm_qqq.format import QQQWeight
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // 128
+    group = torch.randint(1, 19, (groups, n), generator=gen)
+    group[:, ::3] = 16  # many groups at 16 and 18, the ends
+    group[:, 1::3] = 18
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int8)
+    no_zero = (group > 16).repeat_interleave(128, 0)
+    codes = torch.where(no_zero & (codes == 0), torch.ones_like(codes), codes)
+    w = QQQWeight(codes, torch.rand(n, generator=gen) * 1e-3 + 1e-4, group.half(), 128)
+    w8 = w.group_products()
+    assert w8.min() == -128 and w8.max() == 126
+    t = ops.prepare_weight(w)
+    assert t["qqq_group"].dtype == torch.int16
+    return {name: v.cuda() for name, v in t.items()}
+
+
+@pytest.mark.parametrize("integer", [False, True], ids=["fp16", "int"])
 @pytest.mark.parametrize("m", [1, 5, 16, 64, 200, 1024])
-def test_group_scales_at_the_int8_edge_match_reference(m):
+def test_group_scales_at_the_int8_edge_match_reference(m, integer):
     """Every g128 kernel (narrow and split-K at M <= 16, the Hopper kernel and the mma.sync one
     above) on products at the ends of int8: the decode must not wrap -128 to 127."""
     from vllm_qqq import _C
     k, n = 1024, 256
-    t = edge_group_layer(k, n, seed=m)
+    t = (edge_int_group_layer if integer else edge_group_layer)(k, n, seed=m)
     for narrow, wgmma in ((-1, True), (0 if m <= 16 else -1, False)):
         _C.set_narrow(narrow)
         _C.set_wgmma(wgmma)
         try:
-            check_layer(t, m, k, n, 128)
+            check_layer(t, m, k, n, "int" if integer else 128)
         finally:
             _C.set_narrow(-1)
             _C.set_wgmma(True)

@@ -54,6 +54,30 @@ def test_ops_match_reference(g, dtype):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_integer_group_scales_take_the_integer_decode(dtype):
+    """prepare_weight hands the kernels int16 group scales where every scale of the layer is an
+    integer (their integer decode) and float16 otherwise; either way the op computes the same
+    product as with the float16 scales (here on the CPU, the reference path)."""
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(128, 256, generator=gen)
+    qw = rtn(w, 128, int_scales=True)
+    t = ops.prepare_weight(qw)
+    assert t["qqq_group"].dtype == torch.int16
+    assert torch.equal(t["qqq_group"].half(), qw.group.half())
+    assert ops.prepare_weight(rtn(w, 128))["qqq_group"].dtype == torch.float16
+    one_fraction = qw.group.clone()
+    one_fraction[0, 0] += 0.5
+    assert ops.kernel_group_scales(one_fraction).dtype == torch.float16
+    x = torch.randn(5, 256).to(dtype)
+    ws = ops.workspace("cpu", 128)
+    y_int = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+    y_half = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"].half(), ws)
+    assert torch.equal(y_int, y_half)
+    with pytest.raises(ValueError, match="float16 / int16"):
+        ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"].int(), ws)
+
+
 def test_an_empty_batch_gives_an_empty_output():
     _, t = layer(256, 128, 128, seed=4)
     ws = ops.workspace("cpu", 128)
@@ -159,7 +183,9 @@ def test_bad_arguments_are_clear_errors():
                   b=torch.zeros(5, 16, 32, dtype=torch.int32)), "K % 128 == 0"),
             (dict(a_scale=s[:2]), r"a_scale must be float32 \[M, 1\]"),
             (dict(group=torch.ones(3, 128, dtype=torch.float16)),
-             r"group must be empty or float16 \[2, 128\], got torch.float16 \[3, 128\]"),
+             r"group must be empty or float16 / int16 \[2, 128\], got torch.float16 \[3, 128\]"),
+            (dict(group=torch.ones(2, 128, dtype=torch.int32)),
+             r"group must be empty or float16 / int16 \[2, 128\], got torch.int32 \[2, 128\]"),
             (dict(bias=torch.zeros(128, dtype=torch.bfloat16)), r"bias must be torch.float16"),
             (dict(workspace=ws[:16]), "workspace must be int32 with >= "),
             (dict(scale=misaligned_scale), "16-byte aligned")]:

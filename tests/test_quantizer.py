@@ -89,6 +89,28 @@ def test_clipped_ranges_lower_the_rounding_error(g):
     assert torch.equal(Grid(w, g).channel, plain.channel)  # clip off: the absmax grid, as before
 
 
+def test_integer_group_scales_round_no_worse_than_either_neighbour():
+    """--int-group-scales: every group scale is an integer in [1, 18], the floor or the ceiling
+    of the fp16 one, whichever rounds the group with less error; per-channel has no groups."""
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 512, generator=gen) * torch.rand(1, 512, generator=gen) * 3
+    w[:, ::37] *= 6
+    fp16, integer = Grid(w, 128), Grid(w, 128, int_scales=True)
+    s = integer.group.float()
+    assert torch.equal(s, s.round()) and s.min() >= 1 and s.max() <= 18
+    assert ((s == fp16.group.float().floor()) | (s == fp16.group.float().ceil())).all()
+
+    def err(group):
+        grid = Grid(w, 128)
+        grid.group, grid._group_f = group.half(), group.float()
+        return (w - grid.quantize(w)).pow(2).reshape(64, 4, 128).sum(dim=2).t()  # [G, N]
+
+    floor, ceil = (err(f(fp16.group.float()).clamp(1, 18)) for f in (torch.floor, torch.ceil))
+    assert (err(s) <= torch.minimum(floor, ceil) * (1 + 1e-6)).all()
+    with pytest.raises(ValueError, match="group_size 128"):
+        Grid(w, -1, int_scales=True)
+
+
 def test_interrupted_write_leaves_nothing(tiny_fp16, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -154,3 +176,12 @@ def test_cli(tiny_fp16, tmp_path, caplog):
     name = next(k for k in plain if k.endswith("s_group"))
     assert (clipped[name] <= plain[name]).all() and (clipped[name] < plain[name]).any()
     assert "already exists" in caplog.text
+    # --int-group-scales: integer group scales, recorded in the config; g128 only.
+    assert main([str(tiny_fp16), str(tmp_path / "qi"), "--group-size", "128",
+                 "--int-group-scales"]) == 0
+    integer = load_file(tmp_path / "qi" / "model.safetensors")[name].float()
+    assert torch.equal(integer, integer.round())
+    config = json.loads((tmp_path / "qi" / "config.json").read_text())
+    assert config["quantization_config"]["int_group_scales"] is True
+    assert main([str(tiny_fp16), str(tmp_path / "qi2"), "--int-group-scales"]) == 2
+    assert "group-size 128" in caplog.text

@@ -96,16 +96,26 @@ def prepare_weight(w: QQQWeight) -> dict[str, torch.Tensor]:
     # Per-channel codes reach the mma as code * 16 (high nibble), so the epilogue scale is / 16.
     scale = w.channel.float() / (16.0 if per_channel else 1.0)
     group = (torch.empty(0, dtype=torch.float16, device=w.codes.device) if per_channel
-             else w.group.to(torch.float16).contiguous())
+             else kernel_group_scales(w.group))
     return {"qqq_b": kernel_codes(w.codes), "qqq_scale": scale.contiguous(), "qqq_group": group}
+
+
+def kernel_group_scales(group: torch.Tensor) -> torch.Tensor:
+    """The group scales [K/128, N] the kernels read: int16 where every one is an integer (the
+    kernels then decode with integer arithmetic, csrc/decode.cuh), else float16. The caller has
+    checked that every (code - 8) * s_group lands in int8 (the loader does)."""
+    g = group.to(torch.float16)
+    if bool((g == g.round()).all()):
+        return g.to(torch.int16).contiguous()
+    return g.contiguous()
 
 
 def kernel_int8_weight(b: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """The int8 [K, N] matrix the kernel multiplies with (per-channel: code * 16)."""
     if group.numel() == 0:
         return kernel_codes_to_logical(b, signed=True) * 16
-    w = QQQWeight(kernel_codes_to_logical(b, signed=False), torch.ones(b.shape[1] * 8), group,
-                  b.shape[0] * 32 // group.shape[0])
+    w = QQQWeight(kernel_codes_to_logical(b, signed=False), torch.ones(b.shape[1] * 8),
+                  group.to(torch.float16), b.shape[0] * 32 // group.shape[0])
     return w.int8_weight()
 
 
@@ -280,7 +290,8 @@ def gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, scale: torch.T
          group: torch.Tensor, workspace: torch.Tensor, bias: torch.Tensor | None,
          out_dtype: torch.dtype, prefetch_weights: bool = False) -> torch.Tensor:
     """int8 a [M, K] (per-row scale a_scale [M, 1]) x kernel-layout int4 b -> out_dtype [M, N]:
-    (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] or empty for per-channel.
+    (float(acc) * a_scale) * scale (+ bias); group scales [K/128, N] (float16, or int16 integers:
+    kernel_group_scales) or empty for per-channel.
     prefetch_weights: b and group are not written by the kernel before this call (a model's
     weights), so the GEMM may start early and prefetch them (csrc/kernels.h)."""
     return _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weights)
@@ -319,7 +330,7 @@ def _gemm(a, a_scale, b, scale, group, workspace, bias, out_dtype, prefetch_weig
         _C.gemm(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), scale.data_ptr(),
                 group.data_ptr() if group.numel() else 0, bias.data_ptr() if bias is not None else 0,
                 out.data_ptr(), _DTYPE_CODE[out_dtype], m, n, k, workspace.data_ptr(),
-                workspace.numel(), _stream(a), prefetch_weights)
+                workspace.numel(), _stream(a), prefetch_weights, group.dtype == torch.int16)
     return out
 
 
@@ -347,10 +358,10 @@ def _gemm_args_error(a, a_scale, b, scale, group, workspace, bias, out_dtype):
     if not (scale.dtype == torch.float32 and scale.numel() == n and scale.is_contiguous()):
         return f"scale must be float32 [N={n}], got {scale.dtype} {list(scale.shape)}"
     grouped = group.numel() != 0
-    if grouped and not (group.dtype == torch.float16 and group.is_contiguous()
+    if grouped and not (group.dtype in (torch.float16, torch.int16) and group.is_contiguous()
                         and tuple(group.shape) == (k // KERNEL_BK, n)):
-        return (f"group must be empty or float16 [{k // KERNEL_BK}, {n}], got {group.dtype} "
-                f"{list(group.shape)}")
+        return (f"group must be empty or float16 / int16 [{k // KERNEL_BK}, {n}], got "
+                f"{group.dtype} {list(group.shape)}")
     if bias is not None and not (bias.dtype == out_dtype and bias.numel() == n
                                  and bias.is_contiguous()):
         return f"bias must be {out_dtype} [{n}]"
