@@ -111,7 +111,11 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
 // on the H100 (NOTES.md "GEMM", twelfth session): per-channel, narrow is 22-27% faster on qkv and
 // o and 8% on down at M = 1-4, a tie on gate_up; g128, narrow is 7-22% faster on qkv and o but
 // 10-15% slower on gate_up and down (large_weight; not profiled yet: the g128 decode issues 8.5x
-// the instructions per weight word, and down's 128 narrow CTAs leave one per SM).
+// the instructions per weight word, and down's 128 narrow CTAs leave one per SM). `grouped`
+// here and in wgmma_default_min_m means fp16 group scales: with integer ones (decode_group_int,
+// about half the fp16 decode's instructions) down g128 at M = 1 / 8 / 16 took 15.5 / 17.1 / 17.7
+// us on the narrow kernel against 16.9-17.1 / 17.5 / 17.7 on split-K and the 16-token tile, so
+// they follow the per-channel rules (NOTES.md "GEMM", forty-first session).
 inline bool narrow_default(int k, int n, bool grouped) { return !grouped || !large_weight(k, n); }
 // Tuning/tests: < 0 the rule above (default), 0 always split-K, > 0 always narrow (M <= 16).
 void set_narrow(int mode);

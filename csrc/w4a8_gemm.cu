@@ -374,12 +374,15 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                prefetch_weights && pdl_allowed && pdl_supported(), stream};
   static const int sms = sm_count();
+  // The small-M rules below treat integer group scales as per-channel: their decode is cheap
+  // enough for the narrow kernel on large weights too (kernels.h, narrow_default).
+  const bool half_groups = group != nullptr && !group_int;
   const int min_m =
-      wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, group != nullptr, sms);
+      wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, half_groups, sms);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
     w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out, out_dtype,
                     m, n, k, c.ws_partial, c.ws_count, sms, c.pdl, stream);
-  } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, c.group != nullptr)
+  } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, half_groups)
                                           : narrow_mode > 0)) {
     w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out,
                      out_dtype, m, n, k, sms, c.pdl, stream);

@@ -742,6 +742,29 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     assert tiles == {tile}, [e.name for e in prof.events()]
 
 
+@pytest.mark.parametrize("g,m,kernel", [
+    ("int", 1, "w4a8_narrow_kernel"), ("int", 16, "w4a8_narrow_kernel"),
+    ("int", 17, "w4a8_gemm_wgmma_kernel"), (128, 1, "w4a8_gemm_kernel"),
+    (128, 5, "w4a8_gemm_wgmma_kernel")])
+def test_integer_group_scales_take_the_per_channel_small_m_rules(g, m, kernel):
+    """Llama-3-8B down (a large weight) with integer group scales runs M <= 16 on the narrow
+    kernel, as per-channel does (kernels.h, narrow_default); with fp16 group scales split-K up to
+    M = 4 and the Hopper kernel from 5."""
+    from vllm_qqq import _C
+    if not _C.wgmma_available():
+        pytest.skip("no sm_90a wgmma kernel on this GPU")
+    k, n = SHAPES["llama3_down"]
+    t = make_layer(k, n, g, seed=m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ws = ops.workspace("cuda", n)
+    ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
+        torch.cuda.synchronize()
+    gemms = {e.name.split("<")[0].split("::")[-1] for e in prof.events() if "w4a8" in e.name}
+    assert gemms == {kernel}, [e.name for e in prof.events()]
+
+
 def test_layers_of_different_n_share_the_workspace():
     """Like a model's layers: one buffer, N = 4096, 6144 and 28672, alternating the Hopper
     kernel's split-K (its 32-, 64- and 128-token tiles at M = 24, 40, 128 on N = 4096 / 6144),
