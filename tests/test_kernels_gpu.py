@@ -728,7 +728,16 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
-    k, n = DISPATCH_SHAPES[shape]
+    names = kernels_of_one_call(*DISPATCH_SHAPES[shape], g, m)
+    found = [re.search(r"w4a8_gemm_wgmma_kernel<[^,]+, (\d+), (\d+), \w+, \w+, (\d+)>", name)
+             for name in names]
+    tiles = {tuple(int(v) for v in f.groups()) for f in found if f}
+    assert tiles == {tile}, names
+
+
+def kernels_of_one_call(k, n, g, m):
+    """The names of the GPU kernels one w4a8_linear call of a random layer [K, N] of group mode
+    g runs at M = m (after a first call), from a profile."""
     t = make_layer(k, n, g, seed=m)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     ws = ops.workspace("cuda", n)
@@ -736,10 +745,7 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
         torch.cuda.synchronize()
-    found = [re.search(r"w4a8_gemm_wgmma_kernel<[^,]+, (\d+), (\d+), \w+, \w+, (\d+)>", e.name)
-             for e in prof.events()]
-    tiles = {tuple(int(v) for v in f.groups()) for f in found if f}
-    assert tiles == {tile}, [e.name for e in prof.events()]
+    return [e.name for e in prof.events()]
 
 
 @pytest.mark.parametrize("g,m,kernel", [
@@ -753,16 +759,9 @@ def test_integer_group_scales_take_the_per_channel_small_m_rules(g, m, kernel):
     from vllm_qqq import _C
     if not _C.wgmma_available():
         pytest.skip("no sm_90a wgmma kernel on this GPU")
-    k, n = SHAPES["llama3_down"]
-    t = make_layer(k, n, g, seed=m)
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    ws = ops.workspace("cuda", n)
-    ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws)
-        torch.cuda.synchronize()
-    gemms = {e.name.split("<")[0].split("::")[-1] for e in prof.events() if "w4a8" in e.name}
-    assert gemms == {kernel}, [e.name for e in prof.events()]
+    names = kernels_of_one_call(*SHAPES["llama3_down"], g, m)
+    gemms = {name.split("<")[0].split("::")[-1] for name in names if "w4a8" in name}
+    assert gemms == {kernel}, names
 
 
 def test_layers_of_different_n_share_the_workspace():
