@@ -31,7 +31,7 @@ prepare() {
 serve_args="--max-model-len 2048 --attention-backend TRITON_ATTN --gpu-memory-utilization 0.85"
 usual_s() {
   local pair seconds=0
-  for pair in build=60 test=270 sanitize=200 vllm=330 bench=120 bench-all=420 bench-ab=300 \
+  for pair in build=60 test=480 sanitize=200 vllm=330 bench=120 bench-all=420 bench-ab=300 \
     e2e=200 profile=300 serve=420 serve-auto=300 ncu=240 decode-diag=240 row-quant=150 \
     ${GPU_STEP_S:-}; do
     [ "${pair%%=*}" = "$1" ] && seconds=${pair#*=}

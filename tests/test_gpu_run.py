@@ -45,7 +45,7 @@ def test_an_overrunning_step_is_stopped_and_one_that_does_not_fit_skipped(tmp_pa
     assert done.returncode == 1, log + done.stderr
     assert elapsed < 20  # not the fake bench's 60 s
     assert log.count("device: NVIDIA H100") == 1
-    assert "skipped: 6 s left, test usually takes 270 s" in log
+    assert "skipped: 6 s left, test usually takes 480 s" in log
     assert "stopped: bench ran past the 6 s left" in log
     assert "first rows" in (out / "bench_quick.log").read_text()  # kept after the stop
     assert "skipped: 0 s left, sanitize usually takes 3 s" in log or \

@@ -306,10 +306,23 @@ def test_add_rms_norm_quant_in_a_graph_and_compiled():
     assert fusion.fused == {"norm": 1}
 
 
-@pytest.mark.parametrize("g", GROUPS)
+# Integer group scales: the full M sweep where their small-M rule differs from fp16 scales'
+# (llama3_down, a large weight) and on a partial N tile; M = 1 / 16 / 257 elsewhere. (Each such
+# layer's quantization searches two scales per group on the CPU: the whole of CASES took
+# ~2 s a case on the H100 machine.)
+INT_CASES = [(s, m) for s in ("llama3_down", "small_partial_n") for m in M_ALL] + [
+    (s, m) for s in SHAPES if s not in ("llama3_down", "small_partial_n") for m in (1, 16, 257)]
+
+
+@pytest.mark.parametrize("g", [-1, 128])
 @pytest.mark.parametrize("shape,m", CASES)
 def test_gemm_matches_reference(shape, m, g):
     check_gemm(shape, m, g)
+
+
+@pytest.mark.parametrize("shape,m", INT_CASES)
+def test_gemm_with_integer_group_scales_matches_reference(shape, m):
+    check_gemm(shape, m, "int")
 
 
 @pytest.mark.parametrize("g", GROUPS)
