@@ -4,6 +4,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "kernels.h"
 
 namespace qqq {
 
@@ -61,11 +62,6 @@ __device__ __forceinline__ void decode_group_int(uint32_t w, uint32_t s, uint32_
   b1 = ((w & 0x0f0f0f0fu) * s + offset) ^ 0x80808080u;
   b0 = (((w >> 4) & 0x0f0f0f0fu) * s + offset) ^ 0x80808080u;
 }
-
-// How a GEMM kernel decodes its weights (its template parameter DECODE).
-constexpr int kDecodeChannel = 0;    // per-channel codes, no group scales
-constexpr int kDecodeGroupHalf = 1;  // per-group, fp16 group scales
-constexpr int kDecodeGroupInt = 2;   // per-group, integer group scales (int16)
 
 // The operand decode<DECODE> takes for one column from the 16 stored bits of its group scale:
 // the fp16 scale in both halves, or the integer scale.

@@ -5,12 +5,33 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace qqq {
 
 // dtype codes shared with vllm_qqq/ops.py
 constexpr int kFloat16 = 0;
 constexpr int kBFloat16 = 1;
+
+// How a GEMM kernel decodes its weights (the kernels' template parameter DECODE; decode.cuh).
+constexpr int kDecodeChannel = 0;    // per-channel codes, no group scales
+constexpr int kDecodeGroupHalf = 1;  // per-group, fp16 group scales
+constexpr int kDecodeGroupInt = 2;   // per-group, integer group scales (int16)
+inline int decode_mode(const void* group, bool group_int) {
+  return group == nullptr ? kDecodeChannel : group_int ? kDecodeGroupInt : kDecodeGroupHalf;
+}
+// Calls f(std::integral_constant<int, DECODE>{}) for the mode `decode`: a launcher's way to
+// instantiate its kernel for a mode known at run time.
+template <typename F>
+void with_decode(int decode, F&& f) {
+  if (decode == kDecodeGroupInt) {
+    f(std::integral_constant<int, kDecodeGroupInt>{});
+  } else if (decode == kDecodeGroupHalf) {
+    f(std::integral_constant<int, kDecodeGroupHalf>{});
+  } else {
+    f(std::integral_constant<int, kDecodeChannel>{});
+  }
+}
 
 // gemm_follows: the next kernel in the stream is w4a8_gemm, which waits for this one before it
 // reads anything but its weights; the quantization then lets it launch at once (before its own
@@ -96,15 +117,16 @@ inline int64_t workspace_partial_entries(int n) {
 
 // The same product on Hopper (sm_90a) with wgmma; w4a8_gemm calls it from M =
 // wgmma_default_min_m on sm_90 (below, the narrow or the split-K mma.sync kernel wins).
+// decode: decode_mode(group, group_int) of w4a8_gemm's arguments.
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, bool group_int, const void* bias, void* out,
-                     int out_dtype, int m, int n, int k, int* ws_partial, int* ws_count, int sms,
-                     bool pdl, cudaStream_t stream);
+                     const half* group, int decode, const void* bias, void* out, int out_dtype,
+                     int m, int n, int k, int* ws_partial, int* ws_count, int sms, bool pdl,
+                     cudaStream_t stream);
 
 // The same product for M <= 16 without split-K (w4a8_gemm_narrow.cu): 32-channel tiles, K split
 // over the warps of a CTA. N % 32 == 0, K % 128 == 0; sms: the GPU's SM count (ring depth).
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
-                      const float* scale, const half* group, bool group_int, const void* bias,
+                      const float* scale, const half* group, int decode, const void* bias,
                       void* out, int out_dtype, int m, int n, int k, int sms, bool pdl,
                       cudaStream_t stream);
 // Whether M <= 16 (below the Hopper kernel) runs the narrow kernel rather than split-K. Measured

@@ -283,7 +283,7 @@ struct Call {
   const uint32_t* b;
   const float* scale;
   const half* group;
-  bool group_int;  // group holds integer scales (int16)
+  int decode;  // decode_mode (kernels.h)
   const void* bias;
   void* out;
   int m, n, k;
@@ -328,27 +328,22 @@ static void launch(const Call& c) {
 }
 
 template <typename Out, int MT, int NT, int WARPS_M, int WARPS_N>
-static void launch_grouped_or_not(const Call& c) {
-  if (c.group == nullptr) {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeChannel>(c);
-  } else if (c.group_int) {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeGroupInt>(c);
-  } else {
-    launch<Out, MT, NT, WARPS_M, WARPS_N, kDecodeGroupHalf>(c);
-  }
+static void launch_for_decode(const Call& c) {
+  with_decode(c.decode,
+              [&](auto d) { launch<Out, MT, NT, WARPS_M, WARPS_N, decltype(d)::value>(c); });
 }
 
 template <typename Out>
 static void dispatch(const Call& c) {
   // The tile is chosen from M here, inside the op: vLLM's compiled graphs must not bake it in.
   if (c.m <= 16) {
-    launch_grouped_or_not<Out, 1, 2, 1, 8>(c);
+    launch_for_decode<Out, 1, 2, 1, 8>(c);
   } else if (c.m <= 32) {
-    launch_grouped_or_not<Out, 2, 2, 1, 8>(c);
+    launch_for_decode<Out, 2, 2, 1, 8>(c);
   } else if (c.m <= 64) {
-    launch_grouped_or_not<Out, 2, 4, 2, 4>(c);
+    launch_for_decode<Out, 2, 4, 2, 4>(c);
   } else {
-    launch_grouped_or_not<Out, 4, 4, 2, 4>(c);
+    launch_for_decode<Out, 4, 4, 2, 4>(c);
   }
 }
 
@@ -370,21 +365,22 @@ void w4a8_gemm(const int8_t* a, const float* a_scale, const uint32_t* b, const f
     throw std::invalid_argument("vllm_qqq: w4a8_gemm workspace entries must be a multiple of 4");
   }
   if (m == 0) return;
-  const Call c{a, a_scale, b, scale, static_cast<const half*>(group), group_int, bias, out, m, n, k,
+  const int decode = decode_mode(group, group_int);
+  const Call c{a, a_scale, b, scale, static_cast<const half*>(group), decode, bias, out, m, n, k,
                workspace + (workspace_entries - workspace_partial_entries(n)), workspace,
                prefetch_weights && pdl_allowed && pdl_supported(), stream};
   static const int sms = sm_count();
   // The small-M rules below treat integer group scales as per-channel: their decode is cheap
   // enough for the narrow kernel on large weights too (kernels.h, narrow_default).
-  const bool half_groups = group != nullptr && !group_int;
+  const bool half_groups = decode == kDecodeGroupHalf;
   const int min_m =
       wgmma_min_m > 0 ? wgmma_min_m : wgmma_default_min_m(k, n, half_groups, sms);
   if (m >= min_m && wgmma_enabled && wgmma_available()) {
-    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out, out_dtype,
+    w4a8_gemm_wgmma(c.a, c.a_scale, c.b, c.scale, c.group, decode, c.bias, c.out, out_dtype,
                     m, n, k, c.ws_partial, c.ws_count, sms, c.pdl, stream);
   } else if (m <= 16 && (narrow_mode < 0 ? narrow_default(k, n, half_groups)
                                           : narrow_mode > 0)) {
-    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, group_int, c.bias, c.out,
+    w4a8_gemm_narrow(c.a, c.a_scale, c.b, c.scale, c.group, decode, c.bias, c.out,
                      out_dtype, m, n, k, sms, c.pdl, stream);
   } else if (out_dtype == kFloat16) {
     dispatch<half>(c);

@@ -227,7 +227,7 @@ int narrow_channels = 0;  // set_narrow_channels; 0: kNarrowBN
 }  // namespace
 
 void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
-                      const float* scale, const half* group, bool group_int, const void* bias,
+                      const float* scale, const half* group, int decode, const void* bias,
                       void* out, int out_dtype, int m, int n, int k, int sms, bool pdl,
                       cudaStream_t stream) {
   const int channels = narrow_channels > 0 ? narrow_channels : kNarrowBN;
@@ -239,22 +239,12 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                      : n / channels > sms   ? kNarrowStages
                      : k <= 4096            ? kNarrowDeepStages
                                             : kNarrowDeeperStages;
-  const auto run = [&](auto launch_fn) {
-    launch_fn(channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
-  };
-  const int decode = group == nullptr ? kDecodeChannel
-                     : group_int      ? kDecodeGroupInt
-                                      : kDecodeGroupHalf;
-  using bf16 = __nv_bfloat16;
-  if (out_dtype == kFloat16) {
-    if (decode == kDecodeGroupInt) run(launch_narrow_channels<half, kDecodeGroupInt>);
-    else if (decode == kDecodeGroupHalf) run(launch_narrow_channels<half, kDecodeGroupHalf>);
-    else run(launch_narrow_channels<half, kDecodeChannel>);
-  } else {
-    if (decode == kDecodeGroupInt) run(launch_narrow_channels<bf16, kDecodeGroupInt>);
-    else if (decode == kDecodeGroupHalf) run(launch_narrow_channels<bf16, kDecodeGroupHalf>);
-    else run(launch_narrow_channels<bf16, kDecodeChannel>);
-  }
+  with_decode(decode, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    (out_dtype == kFloat16 ? launch_narrow_channels<half, D>
+                           : launch_narrow_channels<__nv_bfloat16, D>)(
+        channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+  });
 }
 
 void set_narrow_stages(int stages) { narrow_stages = stages; }

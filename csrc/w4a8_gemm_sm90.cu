@@ -775,25 +775,14 @@ void set_wgmma_tile(int bm, int stages, bool producer_warp, int warpgroups) {
 }
 
 void w4a8_gemm_wgmma(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
-                     const half* group, bool group_int, const void* bias, void* out,
-                     int out_dtype, int m, int n, int k, int* ws_partial, int* ws_count, int sms,
-                     bool pdl, cudaStream_t stream) {
-  const int decode = group == nullptr ? kDecodeChannel
-                     : group_int      ? kDecodeGroupInt
-                                      : kDecodeGroupHalf;
-  const auto run = [&](auto dispatch_fn) {
-    dispatch_fn(a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, sms, pdl,
-                stream);
-  };
-  if (out_dtype == kFloat16) {
-    if (decode == kDecodeGroupInt) run(sm90::dispatch<half, kDecodeGroupInt>);
-    else if (decode == kDecodeGroupHalf) run(sm90::dispatch<half, kDecodeGroupHalf>);
-    else run(sm90::dispatch<half, kDecodeChannel>);
-  } else {
-    if (decode == kDecodeGroupInt) run(sm90::dispatch<__nv_bfloat16, kDecodeGroupInt>);
-    else if (decode == kDecodeGroupHalf) run(sm90::dispatch<__nv_bfloat16, kDecodeGroupHalf>);
-    else run(sm90::dispatch<__nv_bfloat16, kDecodeChannel>);
-  }
+                     const half* group, int decode, const void* bias, void* out, int out_dtype,
+                     int m, int n, int k, int* ws_partial, int* ws_count, int sms, bool pdl,
+                     cudaStream_t stream) {
+  with_decode(decode, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    (out_dtype == kFloat16 ? sm90::dispatch<half, D> : sm90::dispatch<__nv_bfloat16, D>)(
+        a, a_scale, b, scale, group, bias, out, m, n, k, ws_partial, ws_count, sms, pdl, stream);
+  });
 }
 
 }  // namespace qqq
