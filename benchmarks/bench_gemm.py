@@ -217,6 +217,23 @@ def setup_cutlass_w4a8_fp8(k, n):
     return f, packed.numel() * 4 + k // 128 * n
 
 
+# Name and setup_qqq argument of each weight mode.
+GROUP_MODES = (("channel", -1), ("g128", 128), ("g128_int", "int"))
+# The Hopper kernel's tiles (w4a8_gemm_sm90.cu dispatch): name -> (tokens, ring slots, producer
+# warp loads, math warpgroups). 2 warpgroups: 128 channels a CTA; 3: 192, for where 128-channel
+# tiles leave the last wave mostly idle (qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256
+# 128 x 192 tiles); 4: 256, one wave of 64-token tiles where 192-channel ones overflow it
+# (Llama-3-8B gate_up, N = 28672: 112 tiles against 150). 16 or 32 tokens: a quarter or half of
+# the 64-token tile's tensor work up to M = 16 / 32.
+WGMMA_TILES = {
+    "tma_64x6": (64, 6, True, 2), "tma_64x8": (64, 8, True, 2), "128x4": (128, 4, False, 2),
+    "tma_128x6": (128, 6, True, 2), "tma_256x4": (256, 4, True, 2),
+    "tma_64x8_wg3": (64, 8, True, 3), "tma_128x5_wg3": (128, 5, True, 3),
+    "tma_64x7_wg4": (64, 7, True, 4),
+    "tma_16x12": (16, 12, True, 2), "tma_32x10": (32, 10, True, 2),
+    "tma_16x7_wg4": (16, 7, True, 4), "tma_32x6_wg4": (32, 6, True, 4),
+}
+
 IMPLS = {
     "qqq_channel": setup_qqq(-1),
     "qqq_g128": setup_qqq(128),
@@ -242,36 +259,17 @@ IMPLS = {
     # The narrow kernel's ring forced to 2 stages (3 CTAs per SM), 3 (2 per SM), 4 or 6 (1 per SM).
     **{f"qqq_{name}_narrow_s{st}": setup_qqq_switched(
         lambda c, st=st: c.set_narrow_stages(st), lambda c: c.set_narrow_stages(0), group)
-       for st in (2, 3, 4, 6) for name, group in (("channel", -1), ("g128", 128))},
+       for st in (2, 3, 4, 6) for name, group in GROUP_MODES},
     # The narrow kernel with 16 channels per CTA (twice the CTAs of the default 32), at M <= 16.
     **{f"qqq_{name}_narrow_c16": setup_qqq_switched(
         lambda c: (c.set_narrow(1), c.set_narrow_channels(16)),
         lambda c: (c.set_narrow(-1), c.set_narrow_channels(0)), group)
-       for name, group in (("channel", -1), ("g128", 128))},
-    # Each Hopper tile forced (bm tokens x slots; tma: the producer loads), the automatic choice's
-    # candidates side by side.
-    **{f"qqq_tile_tma_64x{st}": setup_qqq_tile(64, st, True) for st in (6, 8)},
-    **{f"qqq_g128_tile_tma_64x{st}": setup_qqq_tile(64, st, True, group=128) for st in (6, 8)},
-    "qqq_tile_128x4": setup_qqq_tile(128, 4, False),
-    "qqq_tile_tma_128x6": setup_qqq_tile(128, 6, True),
-    "qqq_g128_tile_tma_128x6": setup_qqq_tile(128, 6, True, group=128),
-    "qqq_tile_tma_256x4": setup_qqq_tile(256, 4, True),
-    "qqq_g128_tile_tma_256x4": setup_qqq_tile(256, 4, True, group=128),
-    "qqq_g128_tile_128x4": setup_qqq_tile(128, 4, False, group=128),
-    # 192 channels a CTA (3 math warpgroups), for where 128-channel tiles leave the last wave
-    # mostly idle: qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256 128 x 192 tiles.
-    "qqq_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, warpgroups=3),
-    "qqq_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, warpgroups=3),
-    "qqq_g128_tile_tma_64x8_wg3": setup_qqq_tile(64, 8, True, group=128, warpgroups=3),
-    "qqq_g128_tile_tma_128x5_wg3": setup_qqq_tile(128, 5, True, group=128, warpgroups=3),
-    # 256 channels a CTA (4 math warpgroups): one wave of 64-token tiles where 192-channel ones
-    # overflow it (Llama-3-8B gate_up, N = 28672: 112 tiles against 150 of 192 channels).
-    "qqq_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, warpgroups=4),
-    "qqq_g128_tile_tma_64x7_wg4": setup_qqq_tile(64, 7, True, group=128, warpgroups=4),
-    # 16 or 32 tokens a CTA: a quarter or half of the 64-token tile's tensor work up to M = 16 / 32.
-    **{f"qqq_{name}tile_tma_{bm}x{st}{'_wg4' * (wg == 4)}": setup_qqq_tile(bm, st, True, group, wg)
-       for bm, st, wg in ((16, 12, 2), (32, 10, 2), (16, 7, 4), (32, 6, 4))
-       for name, group in (("", -1), ("g128_", 128))},
+       for name, group in GROUP_MODES},
+    # Each Hopper tile forced (WGMMA_TILES), the automatic choice's candidates side by side:
+    # qqq_tile_tma_64x8, qqq_g128_tile_tma_64x8, qqq_g128_int_tile_tma_64x8, ...
+    **{f"qqq_{'' if group == -1 else name + '_'}tile_{tile}":
+       setup_qqq_tile(bm, st, producer, group, wg)
+       for tile, (bm, st, producer, wg) in WGMMA_TILES.items() for name, group in GROUP_MODES},
     "fp16": setup_fp16,
     "w8a8_cutlass": setup_w8a8,
     "marlin_w4a16_g128": setup_marlin(128, False),
