@@ -611,13 +611,16 @@ static void choose_tile(int m, int n, int k, int sms, int& bm, int& stages, bool
 // 12-17% faster; o (N = 4096) M = 384, 64 x 192 17.4 vs 20.8; M = 640 / 1152 / 1536, 128 x 192
 // 24.4 / 42.6 / 45.0 vs 29.1 / 52.6 / 52.9 (down 68.3 / 133.7 / 145.8 vs 83.9 / 163.6 / 167.7).
 // Two 128-token CTAs per SM take turns on the tensor cores, so they count as two waves: 3584 x
-// 4608 M = 512, 144 of them took 28.6 us against 21.7 for 96 tiles of 128 x 192. Per-group
-// weights take the 64-token one only (g128 o / down M = 384: 23.1 / 67.7 us vs 24.6 / 74.6, qkv
+// 4608 M = 512, 144 of them took 28.6 us against 21.7 for 96 tiles of 128 x 192. fp16 group
+// scales take the 64-token one only (g128 o / down M = 384: 23.1 / 67.7 us vs 24.6 / 74.6, qkv
 // M = 256 22.9 vs 24.1, 3584 x 3584 M = 384 21.2 vs 22.1); the 128-token one gained nothing for
 // them (o M = 640 29.5 vs 29.2, qkv M = 1024 53.6 vs 52.0; H200 qkv 1024 53.9 vs 53.2), and lost
 // where two 128 x 128 CTAs per SM fit (3584 x 3584 M = 1152: 47.0 vs 37.8;
-// gemm_h100_g128_tiles.log).
-static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& wide_bm,
+// gemm_h100_g128_tiles.log). Integer group scales, whose decode is half as long, take both as
+// per-channel does: qkv M = 384 / 512 / 1024 / 1536 on 128 x 192 tiles 25.6 / 26.7 / 48.0 / 71.7
+// us vs 29.2 / 29.1 / 51.7 / 78.3 for 256 x 128 (gemm_h100_int_tiles.log,
+// gemm_h100_int_tile_rule.log).
+static bool choose_wide_tile(int m, int n, int sms, int bm, bool half_groups, int& wide_bm,
                              int& wide_stages, int& wide_warpgroups) {
   auto tiles = [&](int tile_m, int tile_n) {
     return static_cast<int64_t>((m + tile_m - 1) / tile_m) * ((n + tile_n - 1) / tile_n);
@@ -657,7 +660,7 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
   wide_bm = 0;
   constexpr int kWideTiles[][2] = {{64, 8}, {128, 5}};  // tokens, slots
   for (const auto& tile : kWideTiles) {
-    if (grouped && tile[0] == 128) continue;
+    if (half_groups && tile[0] == 128) continue;
     const bool one_wave = tiles(tile[0], 192) <= sms;
     if (10 * tiles(tile[0], 192) >= 7 * sms && (tile[0] == 128 || one_wave) &&
         cost(tile[0], 192) <= best) {
@@ -682,14 +685,15 @@ static bool choose_wide_tile(int m, int n, int sms, int bm, bool grouped, int& w
 // 18.4 us against 18.8 / 19.8 for the 2-warpgroup tile (gemm_h100_g128_wg4.log); M = 17 / 32:
 // 20.3 / 20.3 against 21.3 / 21.2 (gemm_h100_g128_tiles_17_256.log).
 // Per-channel's cheap decode prefers the 2-warpgroup tile's deeper ring (down 16.5 vs 17.0), as
-// does g128 o (10.1 vs 11.5), a small weight whose fixed costs dominate.
-static bool choose_small_tile(int m, int n, int k, int sms, bool grouped, int& bm, int& stages,
+// does g128 o (10.1 vs 11.5), a small weight whose fixed costs dominate. Integer group scales
+// follow per-channel: on down M = 17-32 the two tie (19.5-20.3 us, gemm_h100_int_tile_rule.log).
+static bool choose_small_tile(int m, int n, int k, int sms, bool half_groups, int& bm, int& stages,
                               int& warpgroups) {
   const int tokens = m <= 16 ? 16 : 32;
   const bool wide = wide_tiles_fill_one_wave(n, sms);
   if (m > 32 || !(wide || (n + 127) / 128 <= sms)) return false;
   bm = tokens;
-  const bool four = wide || (grouped && large_weight(k, n));
+  const bool four = wide || (half_groups && large_weight(k, n));
   warpgroups = four ? 4 : 2;
   stages = four ? (tokens == 16 ? 7 : 6) : (tokens == 16 ? 12 : 10);
   return true;
@@ -701,13 +705,15 @@ static void dispatch(const int8_t* a, const float* a_scale, const uint32_t* b, c
                      int* ws_partial, int* ws_count, int sms, bool pdl, cudaStream_t stream) {
   int bm = forced_bm, stages = forced_stages, wg = kDefaultWarpgroups;
   bool tma = forced_tma;
-  constexpr bool GROUPED = DECODE != kDecodeChannel;
-  if (bm == 0 && choose_small_tile(m, n, k, sms, GROUPED, bm, stages, wg)) {
+  // The tile rules below set fp16 group scales apart (their decode's ~15 instructions a word);
+  // integer ones (decode_group_int, 7) follow per-channel's, as the small-M rules do (kernels.h).
+  constexpr bool HALF_GROUPS = DECODE == kDecodeGroupHalf;
+  if (bm == 0 && choose_small_tile(m, n, k, sms, HALF_GROUPS, bm, stages, wg)) {
     tma = true;
   } else if (bm == 0) {
     choose_tile(m, n, k, sms, bm, stages, tma);
     int wide_bm = 0, wide_stages = 0, wide_warpgroups = 0;
-    if (choose_wide_tile(m, n, sms, bm, GROUPED, wide_bm, wide_stages, wide_warpgroups)) {
+    if (choose_wide_tile(m, n, sms, bm, HALF_GROUPS, wide_bm, wide_stages, wide_warpgroups)) {
       bm = wide_bm;
       stages = wide_stages;
       tma = true;

@@ -718,7 +718,9 @@ DISPATCH_SHAPES = {**SHAPES, "qwen7_qkv": (3584, 4608), "qwen7_o": (3584, 3584),
     ("llama3_down", 16, 128, (16, 7, 4)), ("llama3_down", 5, 128, (16, 7, 4)),
     ("llama3_down", 17, 128, (32, 6, 4)), ("llama3_down", 32, 128, (32, 6, 4)),
     ("llama3_down", 17, -1, (32, 10, 2)), ("llama3_qkv", 32, -1, (32, 10, 2)),
-    ("llama3_o", 17, 128, (32, 10, 2)), ("llama3_qkv", 33, -1, (64, 8, 2))])
+    ("llama3_o", 17, 128, (32, 10, 2)), ("llama3_qkv", 33, -1, (64, 8, 2)),
+    ("llama3_qkv", 1024, "int", (128, 5, 3)), ("llama3_o", 640, "int", (128, 5, 3)),
+    ("llama3_down", 32, "int", (32, 10, 2))])
 def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     """Per-channel qkv (N = 6144 = 32 x 192) at M = 256, 384 and 1024 takes the 3-warpgroup
     tiles (1.17x / 1.15x faster at 256 / 1024 on the H100, benchmarks/results/NOTES.md), and so
@@ -735,8 +737,10 @@ def test_dispatch_picks_the_tiles_that_fill_the_waves(shape, m, g, tile):
     150 of 64 x 192); at M = 128 (224 such tiles) one wave of 128 x 128 tiles. Up to 32 tokens,
     16- or 32-token tiles where they need no second wave: 256 channels on Llama-3-8B gate_up
     (from M = 1, either mode), 128 on qkv, o and down (g128 down from M = 5, there with 4
-    warpgroups); not on Llama-2-7B gate_up, which keeps the 64 x 192 tile. Read
-    from the kernel's name in a profile: (tokens, slots, warpgroups)."""
+    warpgroups); not on Llama-2-7B gate_up, which keeps the 64 x 192 tile. Integer group
+    scales follow the per-channel rules (qkv M = 1024 and o M = 640 on 128 x 192 tiles, down
+    M = 32 on 2 warpgroups). Read from the kernel's name in a profile: (tokens, slots,
+    warpgroups)."""
     import re
     from vllm_qqq import _C
     if not _C.wgmma_available():
