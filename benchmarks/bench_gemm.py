@@ -242,6 +242,9 @@ IMPLS = {
     "qqq_g128_int_narrow": setup_qqq_small_m(1, "int"),
     "qqq_g128_int_splitk": setup_qqq_small_m(0, "int"),
     "qqq_g128_int_narrow16": setup_qqq_narrow16("int"),
+    # The narrow kernel applying the integer scales to its per-group sums (set_narrow_group_sums).
+    "qqq_g128_int_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(True),
+                                            lambda c: c.set_narrow_group_sums(False), "int"),
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,

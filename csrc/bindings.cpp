@@ -71,6 +71,9 @@ PYBIND11_MODULE(_C, m) {
         "Tuning: the narrow kernel's ring depth, 2, 3, 4 or 6 stages (0: by the rule).");
   m.def("set_narrow_channels", &qqq::set_narrow_channels, py::arg("channels"),
         "Tuning: the narrow kernel's channels per CTA, 16 or 32 (0: 32, the default).");
+  m.def("set_narrow_group_sums", &qqq::set_narrow_group_sums, py::arg("on"),
+        "Tuning: integer group scales applied to the narrow kernel's per-group sums instead of "
+        "decoded into its weights (default off).");
   m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
   m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),

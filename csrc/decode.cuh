@@ -63,6 +63,17 @@ __device__ __forceinline__ void decode_group_int(uint32_t w, uint32_t s, uint32_
   b0 = (((w >> 4) & 0x0f0f0f0fu) * s + offset) ^ 0x80808080u;
 }
 
+// Per-group codes alone, for kernels that apply integer group scales after the MMA (the narrow
+// kernel's group sums): (code - 8) * 16 in int8, since code ^ 8 is the 4-bit two's complement of
+// code - 8 and a byte's high nibble reads as 16 times its value. Three instructions a word, as
+// per-channel's decode: one LOP3 computes (x ^ 0x88888888) & 0xf0f0f0f0 (lop3 with both masks
+// in registers; written in C, the compiler splits it into two LOP3s of one immediate each).
+__device__ __forceinline__ void decode_group_codes(uint32_t w, uint32_t& b0, uint32_t& b1) {
+  constexpr int kXorAnd = (0xf0 ^ 0xcc) & 0xaa;  // (a ^ b) & c
+  b0 = lop3<kXorAnd>(w, 0x88888888u, 0xf0f0f0f0u);       // high nibbles
+  b1 = lop3<kXorAnd>(w << 4, 0x88888888u, 0xf0f0f0f0u);  // low nibbles
+}
+
 // The operand decode<DECODE> takes for one column from the 16 stored bits of its group scale:
 // the fp16 scale in both halves, or the integer scale.
 template <int DECODE>

@@ -58,13 +58,22 @@ template <int NB, int STAGES>
 constexpr int kNarrowCtasPerSm =
     std::min(3, (227 * 1024) / (STAGES * Narrow<NB>::STAGE_BYTES + 1024));
 
-template <typename Out, int DECODE, int STAGES, int NB>
+// GROUP_SUMS (integer group scales only, tuning: set_narrow_group_sums): each warp's k block is
+// one group, so its MMAs can take the codes alone (decode_group_codes, 3 instructions a word
+// against decode_group_int's 7) and the block's sums join the accumulators times their columns'
+// scales (one IMAD each, 16 a block). The sums carry a factor 16 (the codes sit in the high
+// nibbles), taken out before the warps' partial tiles are added; a warp's sum of
+// 16 * a * w8 over its k blocks stays below 2^31 while K <= kGroupSumsMaxK.
+constexpr int kGroupSumsMaxK = 63 * 1024;  // 16 * 128 * 128 * (128 * 63 blocks) < 2^31
+
+template <typename Out, int DECODE, int STAGES, int NB, bool GROUP_SUMS = false>
 __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     w4a8_narrow_kernel(const int8_t* __restrict__ a, const float* __restrict__ a_scale,
                        const uint32_t* __restrict__ b, const float* __restrict__ scale,
                        const half* __restrict__ group, const Out* __restrict__ bias,
                        Out* __restrict__ out, int m, int n, int k) {
   constexpr bool GROUPED = DECODE != kDecodeChannel;
+  static_assert(!GROUP_SUMS || DECODE == kDecodeGroupInt, "group sums need integer scales");
   using L = Narrow<NB>;
   constexpr int kNarrowNT = L::NT, kSlotA = L::SLOT_A, kSlotB = L::SLOT_B;
   constexpr int kBlocksPerGroup = L::BLOCKS_PER_GROUP;
@@ -146,6 +155,37 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     if (it * kNarrowWarps + warp >= kblocks) continue;  // past K: this warp's block is empty
     const uint8_t* s = slot(it % STAGES, warp);
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(s + kSlotA);
+    if constexpr (GROUP_SUMS) {
+      int sums[kNarrowNT][4];
+#pragma unroll
+      for (int ks = 0; ks < kBlockK / 32; ks++) {
+        uint32_t af[4];
+        const int r = lane % 16, c = ks * 2 + lane / 16;
+        ldmatrix_x4(af, s + r * kBlockK + ((c ^ (r % 8)) * 16));
+#pragma unroll
+        for (int j = 0; j < kNarrowNT; j++) {
+          uint32_t b0, b1;
+          decode_group_codes(sb[(ks * kNarrowNT + j) * 32 + lane], b0, b1);
+          if (ks == 0) {
+            mma_s8_first(sums[j], af, b0, b1);
+          } else {
+            mma_s8(sums[j], af, b0, b1);
+          }
+        }
+      }
+      // acc[j][e] is channel j * 8 + (lane % 4) * 2 + e % 2: two adjacent int16 scales.
+      const uint16_t* ss = reinterpret_cast<const uint16_t*>(s + kSlotA + kSlotB);
+#pragma unroll
+      for (int j = 0; j < kNarrowNT; j++) {
+        const uint32_t pair = *reinterpret_cast<const uint32_t*>(ss + j * 8 + (lane % 4) * 2);
+        const int s_even = static_cast<int>(pair & 0xffffu), s_odd = static_cast<int>(pair >> 16);
+        acc[j][0] += s_even * sums[j][0];
+        acc[j][1] += s_odd * sums[j][1];
+        acc[j][2] += s_even * sums[j][2];
+        acc[j][3] += s_odd * sums[j][3];
+      }
+      continue;
+    }
     uint32_t s2[kNarrowNT];
     if constexpr (GROUPED) {
       const half* ss = reinterpret_cast<const half*>(s + kSlotA + kSlotB);
@@ -175,7 +215,9 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
 #pragma unroll
   for (int j = 0; j < kNarrowNT; j++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) red[((warp * kNarrowNT + j) * 4 + e) * 32 + lane] = acc[j][e];
+    for (int e = 0; e < 4; e++) {
+      red[((warp * kNarrowNT + j) * 4 + e) * 32 + lane] = GROUP_SUMS ? acc[j][e] >> 4 : acc[j][e];
+    }
   __syncthreads();
   if (!out_thread) return;
   int v0 = 0, v1 = 0;
@@ -188,11 +230,11 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
   store_scaled_pair(out, n, out_row, out_col, v0, v1, out_ts, out_sc, out_bs, bias != nullptr);
 }
 
-template <typename Out, int DECODE, int STAGES, int NB>
+template <typename Out, int DECODE, int STAGES, int NB, bool GROUP_SUMS>
 void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, const float* scale,
                    const half* group, const void* bias, void* out, int m, int n, int k, bool pdl,
                    cudaStream_t stream) {
-  constexpr auto kernel = w4a8_narrow_kernel<Out, DECODE, STAGES, NB>;
+  constexpr auto kernel = w4a8_narrow_kernel<Out, DECODE, STAGES, NB, GROUP_SUMS>;
   constexpr int smem = STAGES * Narrow<NB>::STAGE_BYTES;
   allow_smem<kernel, smem>();
   launch_kernel(kernel, dim3(n / NB), dim3(kNarrowThreads), smem, stream, pdl,
@@ -200,29 +242,31 @@ void launch_narrow(const int8_t* a, const float* a_scale, const uint32_t* b, con
                 static_cast<const Out*>(bias), static_cast<Out*>(out), m, n, k);
 }
 
-template <typename Out, int DECODE, int NB>
+template <typename Out, int DECODE, int NB, bool GROUP_SUMS>
 void launch_narrow_stages(int stages, const int8_t* a, const float* a_scale, const uint32_t* b,
                           const float* scale, const half* group, const void* bias, void* out,
                           int m, int n, int k, bool pdl, cudaStream_t stream) {
-  const auto launch = stages == 2   ? launch_narrow<Out, DECODE, 2, NB>
-                      : stages == 4 ? launch_narrow<Out, DECODE, kNarrowDeepStages, NB>
-                      : stages == 6 ? launch_narrow<Out, DECODE, kNarrowDeeperStages, NB>
-                                    : launch_narrow<Out, DECODE, kNarrowStages, NB>;
+  const auto launch =
+      stages == 2   ? launch_narrow<Out, DECODE, 2, NB, GROUP_SUMS>
+      : stages == 4 ? launch_narrow<Out, DECODE, kNarrowDeepStages, NB, GROUP_SUMS>
+      : stages == 6 ? launch_narrow<Out, DECODE, kNarrowDeeperStages, NB, GROUP_SUMS>
+                    : launch_narrow<Out, DECODE, kNarrowStages, NB, GROUP_SUMS>;
   launch(a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
-template <typename Out, int DECODE>
+template <typename Out, int DECODE, bool GROUP_SUMS = false>
 void launch_narrow_channels(int channels, int stages, const int8_t* a, const float* a_scale,
                             const uint32_t* b, const float* scale, const half* group,
                             const void* bias, void* out, int m, int n, int k, bool pdl,
                             cudaStream_t stream) {
-  (channels == 16 ? launch_narrow_stages<Out, DECODE, 16>
-                  : launch_narrow_stages<Out, DECODE, kNarrowBN>)(
+  (channels == 16 ? launch_narrow_stages<Out, DECODE, 16, GROUP_SUMS>
+                  : launch_narrow_stages<Out, DECODE, kNarrowBN, GROUP_SUMS>)(
       stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
 }
 
 int narrow_stages = 0;    // set_narrow_stages; 0: by the rule above
 int narrow_channels = 0;  // set_narrow_channels; 0: kNarrowBN
+bool narrow_group_sums = false;  // set_narrow_group_sums
 
 }  // namespace
 
@@ -241,6 +285,14 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
                                             : kNarrowDeeperStages;
   with_decode(decode, [&](auto d) {
     constexpr int D = decltype(d)::value;
+    if constexpr (D == kDecodeGroupInt) {
+      if (narrow_group_sums && k <= kGroupSumsMaxK) {
+        (out_dtype == kFloat16 ? launch_narrow_channels<half, D, true>
+                               : launch_narrow_channels<__nv_bfloat16, D, true>)(
+            channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
+        return;
+      }
+    }
     (out_dtype == kFloat16 ? launch_narrow_channels<half, D>
                            : launch_narrow_channels<__nv_bfloat16, D>)(
         channels, stages, a, a_scale, b, scale, group, bias, out, m, n, k, pdl, stream);
@@ -248,6 +300,8 @@ void w4a8_gemm_narrow(const int8_t* a, const float* a_scale, const uint32_t* b,
 }
 
 void set_narrow_stages(int stages) { narrow_stages = stages; }
+
+void set_narrow_group_sums(bool on) { narrow_group_sums = on; }
 
 void set_narrow_channels(int channels) {
   if (channels != 0 && channels != 16 && channels != 32) {

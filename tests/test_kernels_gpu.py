@@ -394,6 +394,40 @@ def test_narrow_ring_depths_match_reference(channels, stages, g):
             check_gemm(shape, m, g)
 
 
+@pytest.mark.parametrize("channels", [32, 16])
+def test_narrow_group_sums_match_reference(channels):
+    """The narrow kernel applying integer group scales to its per-group sums (tuning switch
+    set_narrow_group_sums) at every ring depth: K shorter and longer than the ring, partial last
+    stages, Llama-3 down's K; an int8-edge layer; and the sums' bound: K = 64512 (63 k blocks a
+    warp, the most it takes) and K = 64640 (above it: the integer decode instead) with every
+    product at +127 * 128, the largest |a * w8| (a = -127, w8 = -128)."""
+    from vllm_qqq import _C
+    from vllm_qqq.format import QQQWeight
+    _C.set_narrow_group_sums(True)
+    try:
+        for stages in (2, 3, 4, 6):
+            with forced_narrow_kernel(channels, stages):
+                for shape, m in (("llama3_o", 16), ("qwen_down", 5), ("small_partial_n", 1),
+                                 ("wide_partial_n", 9), ("llama3_down", 2)):
+                    check_gemm(shape, m, "int")
+        with forced_narrow_kernel(channels, 0):
+            for m in (1, 16):
+                check_layer(edge_int_group_layer(1024, 256, seed=m), m, 1024, 256, "int")
+            n = 64
+            for k in (64512, 64640):
+                w = QQQWeight(torch.zeros(k, n, dtype=torch.int8), torch.full((n,), 1e-4),
+                              torch.full((k // 128, n), 16.0).half(), 128)
+                t = {name: v.cuda() for name, v in ops.prepare_weight(w).items()}
+                x = -torch.ones(3, k, device="cuda", dtype=torch.float16)
+                ref, a, _ = reference(x, t, None)
+                assert a.min() == a.max() == -127
+                ws = ops.workspace("cuda", n)
+                y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
+                assert torch.equal(y, ref), (k, y[0, :4], ref[0, :4])
+    finally:
+        _C.set_narrow_group_sums(False)
+
+
 @contextlib.contextmanager
 def forced_narrow_kernel(channels, stages):
     """M <= 16 on the narrow kernel with `channels` per CTA and a ring of `stages`, then the
