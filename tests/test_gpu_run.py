@@ -2,6 +2,7 @@
 machine's commands: a step that overruns is stopped and keeps what it wrote, a step that would
 not fit is skipped, the steps before are not lost."""
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -48,8 +49,9 @@ def test_an_overrunning_step_is_stopped_and_one_that_does_not_fit_skipped(tmp_pa
     assert "skipped: 6 s left, test usually takes 480 s" in log
     assert "stopped: bench ran past the 6 s left" in log
     assert "first rows" in (out / "bench_quick.log").read_text()  # kept after the stop
-    assert "skipped: 0 s left, sanitize usually takes 3 s" in log or \
-        "skipped: 1 s left, sanitize usually takes 3 s" in log
+    # what is left after the stopped bench: about 0 s, a second either way on a loaded machine
+    left = re.search(r"skipped: (-?\d+) s left, sanitize usually takes 3 s", log)
+    assert left and -1 <= int(left.group(1)) <= 1, log
 
 
 def test_without_a_limit_steps_run_in_the_script_itself(tmp_path):
