@@ -155,24 +155,38 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
     if (it * kNarrowWarps + warp >= kblocks) continue;  // past K: this warp's block is empty
     const uint8_t* s = slot(it % STAGES, warp);
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(s + kSlotA);
-    if constexpr (GROUP_SUMS) {
-      int sums[kNarrowNT][4];
+    [[maybe_unused]] uint32_t s2[kNarrowNT];
+    if constexpr (GROUPED && !GROUP_SUMS) {
+      const half* ss = reinterpret_cast<const half*>(s + kSlotA + kSlotB);
 #pragma unroll
-      for (int ks = 0; ks < kBlockK / 32; ks++) {
-        uint32_t af[4];
-        const int r = lane % 16, c = ks * 2 + lane / 16;
-        ldmatrix_x4(af, s + r * kBlockK + ((c ^ (r % 8)) * 16));
+      for (int j = 0; j < kNarrowNT; j++) {
+        s2[j] = group_operand<DECODE>(__half_as_ushort(ss[j * 8 + lane / 4]));
+      }
+    }
+    [[maybe_unused]] int sums[kNarrowNT][4];  // GROUP_SUMS: this k block's (one group's) sums
 #pragma unroll
-        for (int j = 0; j < kNarrowNT; j++) {
-          uint32_t b0, b1;
-          decode_group_codes(sb[(ks * kNarrowNT + j) * 32 + lane], b0, b1);
+    for (int ks = 0; ks < kBlockK / 32; ks++) {
+      uint32_t af[4];
+      const int r = lane % 16, c = ks * 2 + lane / 16;
+      ldmatrix_x4(af, s + r * kBlockK + ((c ^ (r % 8)) * 16));
+#pragma unroll
+      for (int j = 0; j < kNarrowNT; j++) {
+        const uint32_t w = sb[(ks * kNarrowNT + j) * 32 + lane];
+        uint32_t b0, b1;
+        if constexpr (GROUP_SUMS) {
+          decode_group_codes(w, b0, b1);
           if (ks == 0) {
             mma_s8_first(sums[j], af, b0, b1);
           } else {
             mma_s8(sums[j], af, b0, b1);
           }
+        } else {
+          decode<DECODE>(w, s2[j], b0, b1);
+          mma_s8(acc[j], af, b0, b1);
         }
       }
+    }
+    if constexpr (GROUP_SUMS) {
       // acc[j][e] is channel j * 8 + (lane % 4) * 2 + e % 2: two adjacent int16 scales.
       const uint16_t* ss = reinterpret_cast<const uint16_t*>(s + kSlotA + kSlotB);
 #pragma unroll
@@ -183,28 +197,6 @@ __global__ void __launch_bounds__(kNarrowThreads, kNarrowCtasPerSm<NB, STAGES>)
         acc[j][1] += s_odd * sums[j][1];
         acc[j][2] += s_even * sums[j][2];
         acc[j][3] += s_odd * sums[j][3];
-      }
-      continue;
-    }
-    uint32_t s2[kNarrowNT];
-    if constexpr (GROUPED) {
-      const half* ss = reinterpret_cast<const half*>(s + kSlotA + kSlotB);
-#pragma unroll
-      for (int j = 0; j < kNarrowNT; j++) {
-        s2[j] = group_operand<DECODE>(__half_as_ushort(ss[j * 8 + lane / 4]));
-      }
-    }
-#pragma unroll
-    for (int ks = 0; ks < kBlockK / 32; ks++) {
-      uint32_t af[4];
-      const int r = lane % 16, c = ks * 2 + lane / 16;
-      ldmatrix_x4(af, s + r * kBlockK + ((c ^ (r % 8)) * 16));
-#pragma unroll
-      for (int j = 0; j < kNarrowNT; j++) {
-        const uint32_t w = sb[(ks * kNarrowNT + j) * 32 + lane];
-        uint32_t b0, b1;
-        decode<DECODE>(w, s2[j], b0, b1);
-        mma_s8(acc[j], af, b0, b1);
       }
     }
   }
