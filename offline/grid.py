@@ -147,9 +147,13 @@ def _group_values(codes: torch.Tensor, channel: torch.Tensor, gs: torch.Tensor) 
 
 
 def _group_error(w3: torch.Tensor, channel: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Squared round-to-nearest error [N, G] of w3 [N, G, size] with fp16 group scales [N, G]."""
+    """Squared round-to-nearest error [N, G] of w3 [N, G, size] with fp16 group scales [N, G].
+    The squares are IEEE fp32 on every device; summed in fp64, whose rounding is too fine for
+    the CPU's and the GPU's summation orders to pick different scales (the checkpoint is the
+    same from either, tests/test_pipeline.py)."""
     gs, ch = group.float()[:, :, None], channel[:, None, None]
-    return (w3 - _group_values(_group_codes(w3, ch, gs), ch, gs)).pow(2).sum(dim=2)
+    residual = w3 - _group_values(_group_codes(w3, ch, gs), ch, gs)
+    return residual.pow(2).sum(dim=2, dtype=torch.float64)
 
 
 def _channel_error(w: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:

@@ -71,17 +71,19 @@ def quantize_model(model_dir: Path, out_dir: Path, group_size: int = -1,
                    nsamples: int = 128, seqlen: int = 2048, device: str = "cpu",
                    seed: int = 0, rotate: bool | None = None, rotate_heads: bool = False,
                    clip: bool = False, rotation: str | None = None,
-                   lm_head: bool = False, int_group_scales: bool = False) -> Path:
+                   lm_head: bool = False, int_group_scales: bool | None = None) -> Path:
     """Quantize the model in model_dir to a QQQ checkpoint in out_dir. smooth, rotate and
     rotation left as None take default_pipeline's choice for the group size, as qqq-quantize
     does. lm_head: quantize the lm_head too (untied from the embedding). int_group_scales:
-    integer group scales (g128 only; offline/grid.py)."""
+    integer group scales (g128 only; offline/grid.py); None: on with group size 128."""
     from transformers import AutoModelForCausalLM
 
     rotate, smooth, rotation = default_pipeline(group_size, calib is not None, rotate, smooth,
                                                 rotation)
     if int_group_scales and group_size == -1:
         raise FormatError("integer group scales need --group-size 128")
+    if int_group_scales is None:
+        int_group_scales = group_size != -1
     config = read_config(model_dir)
     check_out_dir(out_dir)
     calibrated = calib is not None and (smooth or gptq)
@@ -176,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", action="store_true",
                         help="search each row's (per-channel) or group's (g128) weight range for "
                              "the least rounding error instead of its absmax (off by default)")
-    parser.add_argument("--int-group-scales", action="store_true",
+    parser.add_argument("--int-group-scales", action=argparse.BooleanOptionalAction,
+                        default=None,
                         help="with --group-size 128, integer group scales (the QQQ paper's "
-                             "format): the GPU kernels decode them with about half the "
-                             "instructions (off by default)")
+                             "format), each the floor or ceiling of the fp16 one: the GPU "
+                             "kernels decode them with about half the instructions; "
+                             "--no-int-group-scales keeps fp16 ones (default on with "
+                             "--group-size 128)")
     parser.add_argument("--quantize-lm-head", action="store_true",
                         help="also quantize the lm_head (GPTQ on the final norm's outputs, no "
                              "smoothing; untied from the embedding): faster decoding, some "

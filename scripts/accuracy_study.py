@@ -50,8 +50,12 @@ METHODS = {
     # the default pipelines with the lm_head quantized too (qqq-quantize --quantize-lm-head)
     "qqq_had_smooth_lm_head_w4a8/-1": (-1, True, True, True, False, False, "hadamard", True),
     "qqq_rot_lm_head_w4a8/128": (128, False, True, True, False, False, "orthogonal", True),
-    # the g128 default with integer group scales (qqq-quantize --int-group-scales)
+    # the g128 default pipeline with integer group scales (qqq-quantize's default for g128 since
+    # the forty-second session; the rows without _int keep fp16 scales, as the study's earlier rows)
     "qqq_rot_int_w4a8/128": (128, False, True, True, False, False, "orthogonal", False, True),
+    # smoothing + GPTQ without rotation (qqq-quantize --group-size 128 --no-rotate --smooth),
+    # integer group scales: groups of unequal ranges, where the integer steps are coarsest
+    "qqq_int_w4a8/128": (128, True, True, False, False, False, "orthogonal", False, True),
     # references (offline/references.py): GPTQ g128 weights with fp activations; SmoothQuant W8A8
     "gptq_w4a16/128": "reference",
     "smoothquant_w8a8/-1": "reference",
@@ -79,6 +83,7 @@ DETAILS = {
                             "quantized too (GPTQ)",
     "qqq_rot_int_w4a8": "the g128 default (random orthogonal rotation, GPTQ) with integer group "
                         "scales (the floor or ceiling of each fp16 scale)",
+    "qqq_int_w4a8": "adaptive smoothing + GPTQ, no rotation, with integer group scales",
     "gptq_w4a16": "the gptq_w4a8 g128 weights with unquantized activations",
     "smoothquant_w8a8": "SmoothQuant alpha 0.5 (norm->qkv, norm->gate/up), int8 per-channel "
                         "weights (round to nearest), int8 per-token activations",

@@ -209,12 +209,13 @@ def test_rotate_pipeline_checkpoint(tiny_fp16, calib_text, tmp_path):
 def test_default_pipeline_by_group_size(tiny_fp16, calib_text, tmp_path, args, rotate, smooth,
                                         rotation):
     """Rotation + GPTQ for g128, Hadamard rotation + smoothing + GPTQ per-channel (the study's
-    better rows), unless a flag picks."""
+    better rows), unless a flag picks; g128 with integer group scales."""
     assert main([str(tiny_fp16), str(tmp_path / "q"), *args, "--calib", str(calib_text),
                  "--nsamples", "4", "--seqlen", "64"]) == 0
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert (qc["rotate"], qc["smooth"], qc["gptq"], qc["rotation"]) == (rotate, smooth, True,
                                                                           rotation)
+    assert qc.get("int_group_scales", False) == ("128" in args)  # g128: integer group scales
 
 
 @pytest.mark.parametrize("group_size", [-1, 128])

@@ -22,6 +22,7 @@ def test_checkpoint_reloads_bit_identically(tiny_fp16, qqq_checkpoints, g):
     assert (qc["quant_method"], qc["wbits"], qc["group_size"]) == ("qqq", 4, g)
     assert qc["smooth"] is False and qc["gptq"] is False  # no calibration text: RTN
     assert qc["calibration"] is None
+    assert qc.get("int_group_scales", False) == (g == 128)  # g128's default
     assert (out / "tokenizer.json").is_file()
     stored = load_file(str(out / "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(tiny_fp16, dtype="auto")
@@ -30,7 +31,7 @@ def test_checkpoint_reloads_bit_identically(tiny_fp16, qqq_checkpoints, g):
         for name in LINEAR_NAMES:
             p = f"model.layers.{i}.{name}"
             assert f"{p}.weight" not in stored
-            expect = pack(rtn(source[f"{p}.weight"], g))
+            expect = pack(rtn(source[f"{p}.weight"], g, int_scales=g == 128))
             for key, t in expect.items():
                 assert torch.equal(stored[f"{p}.{key}"], t), f"{p}.{key}"
     for key, t in source.items():
@@ -170,18 +171,22 @@ def test_cli(tiny_fp16, tmp_path, caplog):
     assert main([str(tiny_fp16), str(tmp_path / "q"), "--group-size", "128"]) == 0
     assert (tmp_path / "q" / "model.safetensors").is_file()
     assert main([str(tiny_fp16), str(tmp_path / "q")]) == 2
-    # --clip reaches the grid: some group scales shrink below the absmax ones, none grow.
-    assert main([str(tiny_fp16), str(tmp_path / "qc"), "--group-size", "128", "--clip"]) == 0
-    plain, clipped = (load_file(tmp_path / d / "model.safetensors") for d in ("q", "qc"))
-    name = next(k for k in plain if k.endswith("s_group"))
-    assert (clipped[name] <= plain[name]).all() and (clipped[name] < plain[name]).any()
     assert "already exists" in caplog.text
-    # --int-group-scales: integer group scales, recorded in the config; g128 only.
-    assert main([str(tiny_fp16), str(tmp_path / "qi"), "--group-size", "128",
-                 "--int-group-scales"]) == 0
-    integer = load_file(tmp_path / "qi" / "model.safetensors")[name].float()
-    assert torch.equal(integer, integer.round())
-    config = json.loads((tmp_path / "qi" / "config.json").read_text())
-    assert config["quantization_config"]["int_group_scales"] is True
+    # g128's default: integer group scales, recorded in the config; --no-int-group-scales keeps
+    # the fp16 ones; per-channel has no group scales to make integers.
+    assert main([str(tiny_fp16), str(tmp_path / "qf"), "--group-size", "128",
+                 "--no-int-group-scales"]) == 0
+    integer, fp16 = (load_file(tmp_path / d / "model.safetensors") for d in ("q", "qf"))
+    name = next(k for k in integer if k.endswith("s_group"))
+    assert torch.equal(integer[name].float(), integer[name].float().round())
+    assert not torch.equal(fp16[name].float(), fp16[name].float().round())
+    configs = {d: json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]
+               for d in ("q", "qf")}
+    assert configs["q"]["int_group_scales"] is True and "int_group_scales" not in configs["qf"]
     assert main([str(tiny_fp16), str(tmp_path / "qi2"), "--int-group-scales"]) == 2
     assert "group-size 128" in caplog.text
+    # --clip reaches the grid: some fp16 group scales shrink below the absmax ones, none grow.
+    assert main([str(tiny_fp16), str(tmp_path / "qc"), "--group-size", "128", "--clip",
+                 "--no-int-group-scales"]) == 0
+    clipped = load_file(tmp_path / "qc" / "model.safetensors")
+    assert (clipped[name] <= fp16[name]).all() and (clipped[name] < fp16[name]).any()
