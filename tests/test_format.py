@@ -172,3 +172,32 @@ def test_every_accepted_integer_group_product_decodes_exactly():
                 for b, code in ((b1, row[2 * j]), (b0, row[2 * j + 1])):
                     byte = (b >> (8 * j)) & 0xFF
                     assert byte - 256 * (byte > 127) == (code - 8) * s
+
+
+def test_group_sums_decode_and_bound():
+    """The narrow kernel's group sums (csrc/decode.cuh decode_group_codes, w4a8_gemm_narrow.cu
+    GROUP_SUMS), emulated in integers: (w ^ 0x88888888) & 0xf0f0f0f0 and the same of w << 4 give
+    each byte (code - 8) * 16 in two's complement, for all 16 codes in every nibble; a block's
+    sums of a * (code - 8) * 16, times each column's integer scale and summed over a warp's
+    blocks, then shifted right by 4, equal the sum of a * w8 with w8 = (code - 8) * s; and the
+    largest |a * w8| over 63 blocks of 128 (kGroupSumsMaxK) keeps 16 times the sum in int32."""
+    mask = (1 << 32) - 1
+    gen = torch.Generator().manual_seed(1)
+    picks = torch.cat([torch.arange(16).repeat_interleave(8).reshape(-1, 8),
+                       torch.randint(0, 16, (4096, 8), generator=gen)])
+    for row in picks.tolist():
+        w = sum(c << (4 * i) for i, c in enumerate(row))
+        b0 = (w ^ 0x88888888) & 0xF0F0F0F0
+        b1 = (((w << 4) & mask) ^ 0x88888888) & 0xF0F0F0F0
+        for j in range(4):
+            for b, code in ((b1, row[2 * j]), (b0, row[2 * j + 1])):
+                byte = (b >> (8 * j)) & 0xFF
+                assert byte - 256 * (byte > 127) == (code - 8) * 16
+    # One warp's share of a column: 14 blocks of 128 (Llama-3-8B down over 8 warps).
+    codes = torch.randint(0, 16, (14, 128), generator=gen)
+    s = torch.randint(1, 17, (14, 1), generator=gen)
+    a = torch.randint(-127, 128, (14, 128), generator=gen)
+    sums = (a * (codes - 8) * 16).sum(dim=1, keepdim=True)  # each block's MMAs
+    assert ((s * sums).sum() >> 4) == (a * (codes - 8) * s).sum()
+    # |a| <= 128 (qqq.gemm takes any int8 activations), |w8| <= 128: 63 blocks fit, 64 do not
+    assert 16 * 128 * 128 * 128 * 63 < 2**31 <= 16 * 128 * 128 * 128 * 64
