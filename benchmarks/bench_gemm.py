@@ -218,7 +218,7 @@ def setup_cutlass_w4a8_fp8(k, n):
 
 
 # Name and setup_qqq argument of each weight mode.
-GROUP_MODES = (("channel", -1), ("g128", 128), ("g128_int", "int"))
+GROUP_MODES = (("channel", -1), ("g128", "int"), ("g128_fp16", 128))
 # The Hopper kernel's tiles (w4a8_gemm_sm90.cu dispatch): name -> (tokens, ring slots, producer
 # warp loads, math warpgroups). 2 warpgroups: 128 channels a CTA; 3: 192, for where 128-channel
 # tiles leave the last wave mostly idle (qkv M = 1024 is 192 256-token tiles on 132 SMs, or 256
@@ -236,15 +236,16 @@ WGMMA_TILES = {
 
 IMPLS = {
     "qqq_channel": setup_qqq(-1),
-    "qqq_g128": setup_qqq(128),
-    # g128 with integer group scales (qqq-quantize --int-group-scales): the integer decode.
-    "qqq_g128_int": setup_qqq("int"),
-    "qqq_g128_int_narrow": setup_qqq_small_m(1, "int"),
-    "qqq_g128_int_splitk": setup_qqq_small_m(0, "int"),
-    "qqq_g128_int_narrow16": setup_qqq_narrow16("int"),
+    # g128 as qqq-quantize writes it: integer group scales (the integer decode). qqq_g128_fp16:
+    # fp16 group scales (checkpoints written with --no-int-group-scales or by other tools), the
+    # two-level decode. The variants below follow the same naming (qqq_g128_* integer,
+    # qqq_g128_fp16_* fp16; results/NOTES.md says which logs predate it, when qqq_g128 named the
+    # fp16 scales and qqq_g128_int the integer ones).
+    "qqq_g128": setup_qqq("int"),
+    "qqq_g128_fp16": setup_qqq(128),
     # The narrow kernel applying the integer scales to its per-group sums (set_narrow_group_sums).
-    "qqq_g128_int_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(True),
-                                            lambda c: c.set_narrow_group_sums(False), "int"),
+    "qqq_g128_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(True),
+                                        lambda c: c.set_narrow_group_sums(False), "int"),
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,
@@ -256,9 +257,9 @@ IMPLS = {
     # The small-M kernel's K splits capped at N instead of the rule's 4 above 8 rows (without a
     # cap: 5 on qkv, 8 on o and down; splits8 is that uncapped rule on the Llama shapes).
     **{f"qqq_channel_splits{s}": setup_qqq_split_cap(s) for s in (1, 2, 3, 4, 6, 8)},
-    "qqq_channel_narrow": setup_qqq_small_m(1), "qqq_g128_narrow": setup_qqq_small_m(1, 128),
-    "qqq_channel_splitk": setup_qqq_small_m(0), "qqq_g128_splitk": setup_qqq_small_m(0, 128),
-    "qqq_channel_narrow16": setup_qqq_narrow16(), "qqq_g128_narrow16": setup_qqq_narrow16(128),
+    **{f"qqq_{name}_narrow": setup_qqq_small_m(1, group) for name, group in GROUP_MODES},
+    **{f"qqq_{name}_splitk": setup_qqq_small_m(0, group) for name, group in GROUP_MODES},
+    **{f"qqq_{name}_narrow16": setup_qqq_narrow16(group) for name, group in GROUP_MODES},
     # The narrow kernel's ring forced to 2 stages (3 CTAs per SM), 3 (2 per SM), 4 or 6 (1 per SM).
     **{f"qqq_{name}_narrow_s{st}": setup_qqq_switched(
         lambda c, st=st: c.set_narrow_stages(st), lambda c: c.set_narrow_stages(0), group)
@@ -269,7 +270,7 @@ IMPLS = {
         lambda c: (c.set_narrow(-1), c.set_narrow_channels(0)), group)
        for name, group in GROUP_MODES},
     # Each Hopper tile forced (WGMMA_TILES), the automatic choice's candidates side by side:
-    # qqq_tile_tma_64x8, qqq_g128_tile_tma_64x8, qqq_g128_int_tile_tma_64x8, ...
+    # qqq_tile_tma_64x8, qqq_g128_tile_tma_64x8, qqq_g128_fp16_tile_tma_64x8, ...
     **{f"qqq_{'' if group == -1 else name + '_'}tile_{tile}":
        setup_qqq_tile(bm, st, producer, group, wg)
        for tile, (bm, st, producer, wg) in WGMMA_TILES.items() for name, group in GROUP_MODES},
@@ -393,7 +394,7 @@ def main():
                   flush=True)
     # Table: per shape and M, each impl's time, its ratio to fp16 and to the best baseline.
     print("\n| shape | M | floor us | " + " | ".join(args.impls.split(",")) + " | qqq_ch/fp16 | "
-          "qqq_ch/best base | qqq_g128/best base |")
+          "qqq_ch/best base | qqq_g128/best base | qqq_g128/qqq_ch |")
     for shape in args.shapes.split(","):
         k, n = shape_kn(shape)
         for m in ms:
@@ -404,8 +405,10 @@ def main():
             r_fp16 = f"{t['fp16'] / t['qqq_channel']:.2f}x" if {"fp16", "qqq_channel"} <= t.keys() else "n/a"
             r_ch = f"{best / t['qqq_channel']:.2f}x" if "qqq_channel" in t and base else "n/a"
             r_g = f"{best / t['qqq_g128']:.2f}x" if "qqq_g128" in t and base else "n/a"
+            r_gch = (f"{t['qqq_g128'] / t['qqq_channel']:.2f}"
+                     if {"qqq_g128", "qqq_channel"} <= t.keys() else "n/a")
             print(f"| {shape} | {m} | {bytes_floor_us(k, n, m, bw):.1f} | " + " | ".join(cells)
-                  + f" | {r_fp16} | {r_ch} | {r_g} |")
+                  + f" | {r_fp16} | {r_ch} | {r_g} | {r_gch} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "copy_bandwidth_Bps": bw,
                                          "rows": rows, "errors": errors}, indent=1))

@@ -57,12 +57,12 @@ run_step() {
       ;;
     bench)
       python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
-        --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,qqq_g128_int,qqq_channel_mma,fp16,w8a8_cutlass,cutlass_w4a8_fp8} \
+        --shapes "${BENCH_SHAPES:-qkv,o,gate_up,down}" --impls ${BENCH_IMPLS:-qqq_channel,qqq_g128,qqq_g128_fp16,qqq_channel_mma,fp16,w8a8_cutlass,cutlass_w4a8_fp8} \
         --repeat "${BENCH_REPEAT:-1}" --json "$out/gemm_quick.json" 2>&1 | tee "$out/bench_quick.log" | tail -45
       ;;
     bench-all)
       python3 benchmarks/bench_gemm.py --ms "${BENCH_MS:-1,16,64,128,256,1024,4096,8192}" \
-        --impls qqq_channel,qqq_g128,qqq_g128_int,fp16,w8a8_cutlass,marlin_w4a16_g128,machete_w4a16_g128,marlin_w4a8_channel,marlin_w4a8_g128,cutlass_w4a8_fp8 \
+        --impls qqq_channel,qqq_g128,qqq_g128_fp16,fp16,w8a8_cutlass,marlin_w4a16_g128,machete_w4a16_g128,marlin_w4a8_channel,marlin_w4a8_g128,cutlass_w4a8_fp8 \
         --json "$out/gemm_$gpu.json" 2>&1 \
         | tee "$out/bench_all.log" | tail -45
       ;;
