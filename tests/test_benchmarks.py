@@ -58,3 +58,31 @@ def test_timeline_busy_plus_idle_is_the_span_and_busy_the_union():
 ])
 def test_split_variants_takes_the_suffixes_off_the_format(name, expected):
     assert split_variants(name) == expected
+
+
+
+def test_bench_gemm_names_the_formats_it_builds(monkeypatch):
+    """qqq_g128 builds g128 as qqq-quantize writes it, integer group scales (int16 in the kernel
+    layout), qqq_g128_fp16 fp16 ones, qqq_channel none; the generated variants take the same
+    names. Run on the CPU, where ops.w4a8_linear is the reference: each layer also computes."""
+    import torch
+
+    import bench_gemm
+    monkeypatch.setattr(bench_gemm, "DEV", "cpu")
+    built = []
+    device_weight = bench_gemm.device_weight
+    monkeypatch.setattr(bench_gemm, "device_weight",
+                        lambda w: built.append(device_weight(w)) or built[-1])
+    x = torch.randn(3, 256, dtype=torch.float16)
+    for name, dtype in (("qqq_channel", None), ("qqq_g128", torch.int16),
+                        ("qqq_g128_fp16", torch.float16)):
+        built.clear()
+        f, _ = bench_gemm.IMPLS[name](256, 128)
+        group = built[0]["qqq_group"]
+        assert group.numel() == 0 if dtype is None else group.dtype == dtype, name
+        y = f(x)
+        assert y.shape == (3, 128) and torch.isfinite(y).all()
+    assert dict(bench_gemm.GROUP_MODES) == {"channel": -1, "g128": "int", "g128_fp16": 128}
+    for variant in ("narrow", "splitk", "narrow_s3", "tile_tma_64x8"):
+        assert f"qqq_g128_{variant}" in bench_gemm.IMPLS
+        assert f"qqq_g128_fp16_{variant}" in bench_gemm.IMPLS
