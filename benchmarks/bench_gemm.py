@@ -367,6 +367,11 @@ def main():
                         help="one weight set, called back to back: L2-resident where it fits "
                              "(how fast the kernels run without DRAM)")
     args = parser.parse_args()
+    unknown = [impl for impl in args.impls.split(",") if impl not in IMPLS]
+    if unknown:  # before any GPU time is spent
+        parser.error(f"unknown --impls {', '.join(unknown)}; known: {', '.join(IMPLS)}")
+    for shape in args.shapes.split(","):
+        shape_kn(shape)
     ms = [int(m) for m in args.ms.split(",")]
     device = torch.cuda.get_device_name()
     bw = measure_bandwidth()

@@ -60,3 +60,26 @@ def test_without_a_limit_steps_run_in_the_script_itself(tmp_path):
     assert done.returncode == 2  # an unknown step ends the run, as before
     assert "unknown step nonsense" in done.stdout
     assert "=== test" not in done.stdout
+
+
+def test_the_benches_know_every_name_the_script_passes_them():
+    """Every implementation and shape gpu_run.sh hands bench_gemm.py / profile_gemm.py exists
+    there (a renamed one would end a device call with a KeyError), and bench_gemm.py refuses an
+    unknown name before it touches the GPU."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_gemm import IMPLS, SHAPES
+    script = (ROOT / "scripts" / "gpu_run.sh").read_text()
+    lists = re.findall(r"--impls (?:\$\{BENCH_IMPLS:-)?([\w,]+)", script)
+    assert len(lists) == 3, lists  # bench, bench-all, bench-ab
+    names = {name for names in lists for name in names.split(",")}
+    ncu = re.search(r"NCU_RUNS:-([^}]*)\}", script).group(1).split()
+    assert ncu
+    for run in ncu:
+        impl, shape, m, _ = run.split(":", 3)
+        names.add(impl)
+        assert shape in SHAPES and int(m) > 0, run
+    assert names - set(IMPLS) == set(), names - set(IMPLS)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), "--impls",
+                           "qqq_channel,qqq_g128_int"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown --impls qqq_g128_int" in done.stderr, done.stderr
