@@ -35,6 +35,11 @@ BATCHES = (1, 16, 64, 256)
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+# The checkpoints make_models can write (--formats takes these, each with VARIANTS suffixes).
+FORMATS = ("fp16", "w8a8", "w4a16", "qqq_channel", "qqq_g128", "qqq_channel_lm_head",
+           "qqq_g128_lm_head")
+
+
 def make_models(workdir: Path, layers: int, formats: list[str]) -> dict[str, Path]:
     """The FP16 model and the checkpoints of `formats` in workdir (made where missing)."""
     import torch
@@ -303,6 +308,10 @@ def main():
                             args.repeats)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    unknown = [f for f in args.formats.split(",") if split_variants(f)[0] not in FORMATS]
+    if unknown:  # before any model is made
+        parser.error(f"unknown --formats {', '.join(unknown)}; known: {', '.join(FORMATS)} "
+                     f"(each may end in {', '.join(VARIANTS)})")
     import torch
     device = torch.cuda.get_device_name()
     args.workdir.mkdir(parents=True, exist_ok=True)

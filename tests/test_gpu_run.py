@@ -63,9 +63,10 @@ def test_without_a_limit_steps_run_in_the_script_itself(tmp_path):
 
 
 def test_the_benches_know_every_name_the_script_passes_them():
-    """Every implementation and shape gpu_run.sh hands bench_gemm.py / profile_gemm.py exists
-    there (a renamed one would end a device call with a KeyError), and bench_gemm.py refuses an
-    unknown name before it touches the GPU."""
+    """Every implementation and shape gpu_run.sh hands bench_gemm.py / profile_gemm.py, and every
+    format it hands bench_e2e.py, exists there (a renamed one would end a device call with a
+    KeyError, maybe after minutes of other work), and both benches refuse an unknown name before
+    they touch the GPU."""
     import sys
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_gemm import IMPLS, SHAPES
@@ -80,6 +81,19 @@ def test_the_benches_know_every_name_the_script_passes_them():
         names.add(impl)
         assert shape in SHAPES and int(m) > 0, run
     assert names - set(IMPLS) == set(), names - set(IMPLS)
+    from bench_e2e import FORMATS, split_variants
+    formats = [f for found in re.findall(r'--formats "?(?:\$\{E2E_FORMATS:-)?([\w,]+)', script)
+               for f in found.split(",")]
+    formats += re.findall(r"prepare (\w+)", script)
+    formats += [run.split("+")[0] for run in
+                re.search(r"PROFILE_FORMATS:-([^}]*)\}", script).group(1).split()]
+    assert {"fp16", "w8a8", "w4a16", "qqq_channel", "qqq_g128"} <= set(formats), formats
+    assert {split_variants(f)[0] for f in formats} <= set(FORMATS), formats
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gemm.py"), "--impls",
                            "qqq_channel,qqq_g128_int"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown --impls qqq_g128_int" in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--workdir",
+                           "unused", "--formats", "fp16,qqq_g128_int_pdl"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "unknown --formats qqq_g128_int_pdl" in done.stderr, \
+        done.stderr
