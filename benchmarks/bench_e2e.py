@@ -35,9 +35,10 @@ BATCHES = (1, 16, 64, 256)
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-# The checkpoints make_models can write (--formats takes these, each with VARIANTS suffixes).
-FORMATS = ("fp16", "w8a8", "w4a16", "qqq_channel", "qqq_g128", "qqq_channel_lm_head",
-           "qqq_g128_lm_head")
+# The QQQ checkpoints make_models writes with qqq-quantize, by group size; *_lm_head: the
+# lm_head quantized too (qqq-quantize --quantize-lm-head).
+QQQ_GROUP_SIZES = {"qqq_channel": -1, "qqq_g128": 128, "qqq_channel_lm_head": -1,
+                   "qqq_g128_lm_head": 128}
 
 
 def make_models(workdir: Path, layers: int, formats: list[str]) -> dict[str, Path]:
@@ -68,9 +69,7 @@ def make_models(workdir: Path, layers: int, formats: list[str]) -> dict[str, Pat
         torch.cuda.empty_cache()
         print(f"fp16 model written in {time.perf_counter() - started:.0f} s", flush=True)
     out = {"fp16": fp16}
-    # *_lm_head: the lm_head quantized too (qqq-quantize --quantize-lm-head)
-    for name, g in (("qqq_channel", -1), ("qqq_g128", 128), ("qqq_channel_lm_head", -1),
-                    ("qqq_g128_lm_head", 128)):
+    for name, g in QQQ_GROUP_SIZES.items():
         path = workdir / f"llama3-8b-shaped-{name}"
         if name in formats and not path.exists():
             started = time.perf_counter()
@@ -120,6 +119,8 @@ QUANT_CONFIGS = {
     "w4a16": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
               "sym": True},
 }
+# Every checkpoint make_models can write (--formats takes these, each with VARIANTS suffixes).
+FORMATS = ("fp16", *QQQ_GROUP_SIZES, *QUANT_CONFIGS)
 
 
 def _w8a8_tensors(prefix, w):

@@ -50,8 +50,8 @@ METHODS = {
     # the default pipelines with the lm_head quantized too (qqq-quantize --quantize-lm-head)
     "qqq_had_smooth_lm_head_w4a8/-1": (-1, True, True, True, False, False, "hadamard", True),
     "qqq_rot_lm_head_w4a8/128": (128, False, True, True, False, False, "orthogonal", True),
-    # the g128 default pipeline with integer group scales (qqq-quantize's default for g128 since
-    # the forty-second session; the rows without _int keep fp16 scales, as the study's earlier rows)
+    # the g128 default pipeline with integer group scales (qqq-quantize's default for g128; the
+    # rows without _int keep fp16 scales, as the study's earlier rows)
     "qqq_rot_int_w4a8/128": (128, False, True, True, False, False, "orthogonal", False, True),
     # smoothing + GPTQ without rotation (qqq-quantize --group-size 128 --no-rotate --smooth),
     # integer group scales: groups of unequal ranges, where the integer steps are coarsest

@@ -60,7 +60,6 @@ def test_split_variants_takes_the_suffixes_off_the_format(name, expected):
     assert split_variants(name) == expected
 
 
-
 def test_bench_gemm_names_the_formats_it_builds(monkeypatch):
     """qqq_g128 builds g128 as qqq-quantize writes it, integer group scales (int16 in the kernel
     layout), qqq_g128_fp16 fp16 ones, qqq_channel none; the generated variants take the same

@@ -148,6 +148,20 @@ def test_every_accepted_group_product_decodes_exactly_in_fp16():
                            w8[accepted])
 
 
+def pack_nibbles(codes):
+    """One kernel-layout word: 8 codes, the first in the lowest nibble."""
+    return sum(c << (4 * i) for i, c in enumerate(codes))
+
+
+def check_fragment_bytes(codes, b0, b1, factor):
+    """The decode's two registers of one word: b1's bytes hold the even nibbles' codes, b0's the
+    odd ones', each as (code - 8) * factor in two's complement."""
+    for j in range(4):
+        for b, code in ((b1, codes[2 * j]), (b0, codes[2 * j + 1])):
+            byte = (b >> (8 * j)) & 0xFF
+            assert byte - 256 * (byte > 127) == (code - 8) * factor
+
+
 def test_every_accepted_integer_group_product_decodes_exactly():
     """The integer g128 decode (csrc/decode.cuh, decode_group_int), emulated in 32-bit integers:
     for integer group scales 1-18 and 4 codes a register, code * s + (128 - 8 s) summed as one
@@ -165,13 +179,10 @@ def test_every_accepted_integer_group_product_decodes_exactly():
                            codes[torch.randint(0, len(codes), (4096, 8), generator=gen)]])
         offset = (0x80808080 - s * 0x08080808) & mask
         for row in picks.tolist():
-            w = sum(c << (4 * i) for i, c in enumerate(row))
+            w = pack_nibbles(row)
             b1 = ((((w & 0x0F0F0F0F) * s) + offset) & mask) ^ 0x80808080
             b0 = (((((w >> 4) & 0x0F0F0F0F) * s) + offset) & mask) ^ 0x80808080
-            for j in range(4):
-                for b, code in ((b1, row[2 * j]), (b0, row[2 * j + 1])):
-                    byte = (b >> (8 * j)) & 0xFF
-                    assert byte - 256 * (byte > 127) == (code - 8) * s
+            check_fragment_bytes(row, b0, b1, s)
 
 
 def test_group_sums_decode_and_bound():
@@ -186,13 +197,10 @@ def test_group_sums_decode_and_bound():
     picks = torch.cat([torch.arange(16).repeat_interleave(8).reshape(-1, 8),
                        torch.randint(0, 16, (4096, 8), generator=gen)])
     for row in picks.tolist():
-        w = sum(c << (4 * i) for i, c in enumerate(row))
+        w = pack_nibbles(row)
         b0 = (w ^ 0x88888888) & 0xF0F0F0F0
         b1 = (((w << 4) & mask) ^ 0x88888888) & 0xF0F0F0F0
-        for j in range(4):
-            for b, code in ((b1, row[2 * j]), (b0, row[2 * j + 1])):
-                byte = (b >> (8 * j)) & 0xFF
-                assert byte - 256 * (byte > 127) == (code - 8) * 16
+        check_fragment_bytes(row, b0, b1, 16)
     # One warp's share of a column: 14 blocks of 128 (Llama-3-8B down over 8 warps).
     codes = torch.randint(0, 16, (14, 128), generator=gen)
     s = torch.randint(1, 17, (14, 1), generator=gen)
