@@ -236,16 +236,19 @@ WGMMA_TILES = {
 
 IMPLS = {
     "qqq_channel": setup_qqq(-1),
-    # g128 as qqq-quantize writes it: integer group scales (the integer decode). qqq_g128_fp16:
-    # fp16 group scales (checkpoints written with --no-int-group-scales or by other tools), the
-    # two-level decode. The variants below follow the same naming (qqq_g128_* integer,
-    # qqq_g128_fp16_* fp16; results/NOTES.md says which logs predate it, when qqq_g128 named the
-    # fp16 scales and qqq_g128_int the integer ones).
+    # g128 as qqq-quantize writes it: integer group scales (the integer decode; at M <= 16 the
+    # narrow kernel's group sums). qqq_g128_fp16: fp16 group scales (checkpoints written with
+    # --no-int-group-scales or by other tools), the two-level decode. The variants below follow
+    # the same naming (qqq_g128_* integer, qqq_g128_fp16_* fp16; results/NOTES.md says which
+    # logs predate it, when qqq_g128 named the fp16 scales and qqq_g128_int the integer ones).
     "qqq_g128": setup_qqq("int"),
     "qqq_g128_fp16": setup_qqq(128),
-    # The narrow kernel applying the integer scales to its per-group sums (set_narrow_group_sums).
+    # The narrow kernel applying the integer scales to its per-group sums (the default), or
+    # decoding them into the weights (set_narrow_group_sums(False)).
     "qqq_g128_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(True),
-                                        lambda c: c.set_narrow_group_sums(False), "int"),
+                                        lambda c: c.set_narrow_group_sums(True), "int"),
+    "qqq_g128_no_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(False),
+                                           lambda c: c.set_narrow_group_sums(True), "int"),
     "qqq_gemm_only": setup_qqq_gemm_only,
     "qqq_channel_mma": setup_qqq_mma,
     "qqq_channel_nopdl": setup_qqq_nopdl,

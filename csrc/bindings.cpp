@@ -73,7 +73,7 @@ PYBIND11_MODULE(_C, m) {
         "Tuning: the narrow kernel's channels per CTA, 16 or 32 (0: 32, the default).");
   m.def("set_narrow_group_sums", &qqq::set_narrow_group_sums, py::arg("on"),
         "Tuning: integer group scales applied to the narrow kernel's per-group sums instead of "
-        "decoded into its weights (default off).");
+        "decoded into its weights (default on; off: the integer decode).");
   m.def("set_pdl", &qqq::set_pdl, py::arg("on"),
         "Tuning/tests: launch the GEMM as a programmatic dependent launch (sm_90+, default).");
   m.def("set_quant_pdl", &qqq::set_quant_pdl, py::arg("on"),

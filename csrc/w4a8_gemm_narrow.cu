@@ -58,7 +58,7 @@ template <int NB, int STAGES>
 constexpr int kNarrowCtasPerSm =
     std::min(3, (227 * 1024) / (STAGES * Narrow<NB>::STAGE_BYTES + 1024));
 
-// GROUP_SUMS (integer group scales only, tuning: set_narrow_group_sums): each warp's k block is
+// GROUP_SUMS (integer group scales, the default; tuning: set_narrow_group_sums): each warp's k block is
 // one group, so its MMAs can take the codes alone (decode_group_codes, 3 instructions a word
 // against decode_group_int's 7) and the block's sums join the accumulators times their columns'
 // scales (one IMAD each, 16 a block). The sums carry a factor 16 (the codes sit in the high
@@ -258,7 +258,7 @@ void launch_narrow_channels(int channels, int stages, const int8_t* a, const flo
 
 int narrow_stages = 0;    // set_narrow_stages; 0: by the rule above
 int narrow_channels = 0;  // set_narrow_channels; 0: kNarrowBN
-bool narrow_group_sums = false;  // set_narrow_group_sums
+bool narrow_group_sums = true;  // set_narrow_group_sums
 
 }  // namespace
 

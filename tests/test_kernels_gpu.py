@@ -394,16 +394,18 @@ def test_narrow_ring_depths_match_reference(channels, stages, g):
             check_gemm(shape, m, g)
 
 
+@pytest.mark.parametrize("sums", [True, False])
 @pytest.mark.parametrize("channels", [32, 16])
-def test_narrow_group_sums_match_reference(channels):
-    """The narrow kernel applying integer group scales to its per-group sums (tuning switch
-    set_narrow_group_sums) at every ring depth: K shorter and longer than the ring, partial last
-    stages, Llama-3 down's K; an int8-edge layer; and the sums' bound: K = 64512 (63 k blocks a
-    warp, the most it takes) and K = 64640 (above it: the integer decode instead) with every
-    product at +127 * 128, the largest |a * w8| (a = -127, w8 = -128)."""
+def test_narrow_group_sums_match_reference(channels, sums):
+    """The narrow kernel with integer group scales applied to its per-group sums (the default) or
+    decoded into the weights (set_narrow_group_sums(False)) at every ring depth: K shorter and
+    longer than the ring, partial last stages, Llama-3 down's K; an int8-edge layer; and the
+    sums' bound: K = 64512 (63 k blocks a warp, the most it takes) and K = 64640 (above it: the
+    integer decode instead) with every product at +127 * 128, the largest |a * w8|
+    (a = -127, w8 = -128)."""
     from vllm_qqq import _C
     from vllm_qqq.format import QQQWeight
-    _C.set_narrow_group_sums(True)
+    _C.set_narrow_group_sums(sums)
     try:
         for stages in (2, 3, 4, 6):
             with forced_narrow_kernel(channels, stages):
@@ -425,7 +427,7 @@ def test_narrow_group_sums_match_reference(channels):
                 y = ops.w4a8_linear(x, t["qqq_b"], t["qqq_scale"], t["qqq_group"], ws, None)
                 assert torch.equal(y, ref), (k, y[0, :4], ref[0, :4])
     finally:
-        _C.set_narrow_group_sums(False)
+        _C.set_narrow_group_sums(True)  # the default
 
 
 @contextlib.contextmanager
