@@ -58,12 +58,12 @@ template <int NB, int STAGES>
 constexpr int kNarrowCtasPerSm =
     std::min(3, (227 * 1024) / (STAGES * Narrow<NB>::STAGE_BYTES + 1024));
 
-// GROUP_SUMS (integer group scales, the default; tuning: set_narrow_group_sums): each warp's k block is
-// one group, so its MMAs can take the codes alone (decode_group_codes, 3 instructions a word
-// against decode_group_int's 7) and the block's sums join the accumulators times their columns'
-// scales (one IMAD each, 16 a block). The sums carry a factor 16 (the codes sit in the high
-// nibbles), taken out before the warps' partial tiles are added; a warp's sum of
-// 16 * a * w8 over its k blocks stays below 2^31 while K <= kGroupSumsMaxK.
+// GROUP_SUMS (integer group scales, on by default, measured in NOTES.md "GEMM"; tuning:
+// set_narrow_group_sums): each warp's k block is one group, so its MMAs can take the codes alone
+// (decode_group_codes, 3 instructions a word against decode_group_int's 7) and the block's sums
+// join the accumulators times their columns' scales (one IMAD each, 16 a block). The sums carry a
+// factor 16 (the codes sit in the high nibbles), taken out before the warps' partial tiles are
+// added; a warp's sum of 16 * a * w8 over its k blocks stays below 2^31 while K <= kGroupSumsMaxK.
 constexpr int kGroupSumsMaxK = 63 * 1024;  // 16 * 128 * 128 * (128 * 63 blocks) < 2^31
 
 template <typename Out, int DECODE, int STAGES, int NB, bool GROUP_SUMS = false>
