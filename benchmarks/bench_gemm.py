@@ -243,10 +243,8 @@ IMPLS = {
     # logs predate it, when qqq_g128 named the fp16 scales and qqq_g128_int the integer ones).
     "qqq_g128": setup_qqq("int"),
     "qqq_g128_fp16": setup_qqq(128),
-    # The narrow kernel applying the integer scales to its per-group sums (the default), or
-    # decoding them into the weights (set_narrow_group_sums(False)).
-    "qqq_g128_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(True),
-                                        lambda c: c.set_narrow_group_sums(True), "int"),
+    # The narrow kernel decoding the integer scales into the weights (set_narrow_group_sums(False))
+    # instead of applying them to its per-group sums, qqq_g128's default.
     "qqq_g128_no_sums": setup_qqq_switched(lambda c: c.set_narrow_group_sums(False),
                                            lambda c: c.set_narrow_group_sums(True), "int"),
     "qqq_gemm_only": setup_qqq_gemm_only,
