@@ -24,7 +24,8 @@ PROMPTS = [[5, 6, 7, 8], [100, 23, 42], [300, 301, 302, 303, 304, 305], [17]]
 # step 17 a token 0.53 below the oracle's best (the oracle in float64 alike), and flipping any one
 # of several activation codes near a rounding boundary (within 2e-3 of a step) in the oracle
 # brought that gap to 0.13-0.27. The tiny model's logits have a std of about 8, so a wrong weight
-# layout or scale misses by whole units at nearly every step (and the tests that count ties allow at most 2).
+# layout or scale misses by whole units at nearly every step (and the tests that count ties allow
+# at most 2).
 NEAR_TIE = 1.0
 
 
